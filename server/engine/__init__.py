@@ -1,0 +1,1 @@
+"""The vLLM plugin: the two-backbone wrapper model and the extrapolating logits processor."""

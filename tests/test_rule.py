@@ -1,0 +1,187 @@
+"""kernels.combine against the float64 two-stage reference (kernels.reference)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import RowSettings, combine
+from kernels import reference as ref
+
+VOCAB = 97  # not a power of two on purpose
+
+
+def random_pair(rng, rows, vocab=VOCAB, spread=1.0):
+    """Base logits and an RL child close to them, so Δ has a small signed spread."""
+    base = rng.normal(0, 2.0, size=(rows, vocab))
+    rl = base + rng.normal(0, spread, size=(rows, vocab))
+    return rl, base
+
+
+def random_settings(rng, rows, greedy_share=0.0):
+    out = []
+    for _ in range(rows):
+        out.append(
+            ref.Settings(
+                gamma=float(rng.choice([0.0, 0.05, 0.1, 0.5, 2.0, -0.5])),
+                tau=float(rng.choice([-math.inf, -1.0, -0.3, 0.0, 0.4, math.inf])),
+                generator=str(rng.choice(["base", "rl"])),
+                candidates=int(rng.choice([0, 1, 5, 50, VOCAB, 500])),
+                temperature=0.0 if rng.random() < greedy_share else float(rng.choice([0.3, 0.7, 1.0, 1.5])),
+                top_p=float(rng.choice([0.05, 0.7, 0.95, 1.0])),
+            )
+        )
+    return out
+
+
+def to_row_settings(settings):
+    return RowSettings(
+        gamma=torch.tensor([s.gamma for s in settings], dtype=torch.float32),
+        tau=torch.tensor([s.tau for s in settings], dtype=torch.float32),
+        use_base=torch.tensor([s.generator == "base" for s in settings]),
+        candidates=torch.tensor([s.candidates for s in settings], dtype=torch.int64),
+        temperature=torch.tensor([s.temperature for s in settings], dtype=torch.float32),
+        top_p=torch.tensor([s.top_p for s in settings], dtype=torch.float32),
+    )
+
+
+def run_combine(rl, base, settings):
+    out, prob = combine(
+        torch.tensor(rl, dtype=torch.float32), torch.tensor(base, dtype=torch.float32), to_row_settings(settings)
+    )
+    return out.double().numpy(), prob.double().numpy()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_closed_form_equals_two_stage_reference(seed):
+    rng = np.random.default_rng(1000 + seed)
+    rows = 64
+    rl, base = random_pair(rng, rows)
+    settings = random_settings(rng, rows)
+    out, prob = run_combine(rl, base, settings)
+    for i, s in enumerate(settings):
+        expected = ref.two_stage_distribution(rl[i], base[i], s)
+        got = np.exp(out[i])
+        assert abs(got.sum() - 1) < 1e-5
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4, err_msg=str(s))
+        assert prob[i] == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=2e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_rows_pick_the_reference_token(seed):
+    rng = np.random.default_rng(2000 + seed)
+    rows = 128
+    rl, base = random_pair(rng, rows)
+    settings = random_settings(rng, rows, greedy_share=0.5)
+    out, prob = run_combine(rl, base, settings)
+    for i, s in enumerate(settings):
+        if s.temperature == 0:
+            assert int(np.argmax(out[i])) == ref.greedy_token(rl[i], base[i], s), str(s)
+            assert prob[i] == ref.extrapolation_probability(rl[i], base[i], s)
+        else:
+            np.testing.assert_allclose(np.exp(out[i]), ref.two_stage_distribution(rl[i], base[i], s), atol=2e-5)
+
+
+def test_monte_carlo_two_stage_sampler_matches_closed_form():
+    """Draws of the two-stage sampler follow q: chi-square-style bound per token."""
+    rng = np.random.default_rng(7)
+    rl, base = random_pair(rng, 1, vocab=20, spread=1.5)
+    s = ref.Settings(gamma=0.5, tau=-0.3, generator="base", candidates=8, temperature=1.0, top_p=0.9)
+    q = np.exp(run_combine(rl, base, [s])[0][0])
+    draws = 40_000
+    counts = np.zeros(20)
+    extrapolated = 0
+    for _ in range(draws):
+        y, ext = ref.sample_two_stage(rl[0], base[0], s, rng)
+        counts[y] += 1
+        extrapolated += ext
+    freq = counts / draws
+    # 5 standard errors per token: fails with probability well below 1e-4 over 20 tokens.
+    tol = 5 * np.sqrt(q * (1 - q) / draws) + 1e-9
+    assert np.all(np.abs(freq - q) <= tol), (freq, q)
+    m = run_combine(rl, base, [s])[1][0]
+    assert abs(extrapolated / draws - m) <= 5 * np.sqrt(m * (1 - m) / draws)
+
+
+def test_special_case_full_extrapolation_is_p_x():
+    rng = np.random.default_rng(11)
+    rl, base = random_pair(rng, 8)
+    for gamma in (0.1, 1.0):
+        s = ref.Settings(gamma=gamma, tau=math.inf, generator="rl", candidates=0, temperature=1.0, top_p=1.0)
+        out, prob = run_combine(rl, base, [s] * 8)
+        a = rl - np.log(np.exp(rl).sum(1, keepdims=True))
+        b = base - np.log(np.exp(base).sum(1, keepdims=True))
+        e = (1 + gamma) * a - gamma * b
+        p_x = np.exp(e) / np.exp(e).sum(1, keepdims=True)
+        np.testing.assert_allclose(np.exp(out), p_x, atol=1e-5)
+        np.testing.assert_allclose(prob, 1.0, atol=1e-6)
+
+
+def test_special_case_selective_replace_redraws_from_rl():
+    """γ = 0, generator base: flagged proposals are redrawn from π_RL (top-k, T, P applied)."""
+    rng = np.random.default_rng(12)
+    rl, base = random_pair(rng, 8)
+    s = ref.Settings(gamma=0.0, tau=-0.3, generator="base", candidates=0, temperature=1.0, top_p=1.0)
+    out, _ = run_combine(rl, base, [s] * 8)
+    for i in range(8):
+        p_base, p_rl = ref.softmax(base[i]), ref.softmax(rl[i])
+        delta = np.log(p_rl) - np.log(p_base)
+        m = p_base[delta <= -0.3].sum()
+        expected = np.where(delta > -0.3, p_base, 0) + m * p_rl
+        np.testing.assert_allclose(np.exp(out[i]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("generator", ["rl", "base"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_special_case_tau_minus_inf_is_plain_generator_sampling(generator, temperature):
+    rng = np.random.default_rng(13)
+    rl, base = random_pair(rng, 8)
+    s = ref.Settings(gamma=0.3, tau=-math.inf, generator=generator, candidates=5, temperature=temperature, top_p=0.8)
+    out, prob = run_combine(rl, base, [s] * 8)
+    gen = rl if generator == "rl" else base
+    np.testing.assert_array_equal(prob, 0.0)
+    for i in range(8):
+        if temperature == 0:
+            assert np.argmax(out[i]) == np.argmax(gen[i])
+        else:
+            expected = ref.top_p(ref.softmax(gen[i] / temperature), 0.8)
+            np.testing.assert_allclose(np.exp(out[i]), expected, atol=1e-5)
+
+
+def test_masked_tokens_are_never_emitted_and_rows_stay_finite():
+    rng = np.random.default_rng(14)
+    rl, base = random_pair(rng, 32)
+    banned = rng.random((32, VOCAB)) < 0.3
+    banned[:, 0] = False
+    rl[banned] = -np.inf
+    base[banned] = -np.inf
+    settings = random_settings(rng, 32, greedy_share=0.3)
+    out, prob = run_combine(rl, base, settings)
+    assert not np.isnan(out).any() and not np.isnan(prob).any()
+    for i, s in enumerate(settings):
+        if s.temperature == 0:
+            assert not banned[i, int(np.argmax(out[i]))]
+            assert int(np.argmax(out[i])) == ref.greedy_token(rl[i], base[i], s)
+        else:
+            assert np.all(np.exp(out[i])[banned[i]] == 0)
+            np.testing.assert_allclose(np.exp(out[i]), ref.two_stage_distribution(rl[i], base[i], s), atol=2e-5)
+
+
+def test_top_p_keeps_ties_at_the_boundary():
+    logp = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    kept = torch.exp(__import__("kernels.rule", fromlist=["top_p_log"]).top_p_log(logp, torch.tensor([0.5])))
+    np.testing.assert_allclose(kept.numpy()[0], [0.4, 0.2, 0.2, 0.2], atol=1e-6)
+    np.testing.assert_allclose(ref.top_p(np.array([0.4, 0.2, 0.2, 0.2]), 0.5), [0.4, 0.2, 0.2, 0.2])
+    np.testing.assert_allclose(ref.top_p(np.array([0.5, 0.3, 0.2]), 0.5), [1.0, 0, 0])
+
+
+def test_rows_do_not_leak_into_each_other():
+    rng = np.random.default_rng(15)
+    rl, base = random_pair(rng, 16)
+    settings = random_settings(rng, 16, greedy_share=0.3)
+    out, prob = run_combine(rl, base, settings)
+    for i in (0, 7, 15):
+        alone, p_alone = run_combine(rl[i : i + 1], base[i : i + 1], [settings[i]])
+        np.testing.assert_allclose(out[i], alone[0], atol=1e-6)
+        assert prob[i] == pytest.approx(p_alone[0], abs=1e-7)
