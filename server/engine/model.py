@@ -1,0 +1,72 @@
+"""The wrapper architecture: two backbones of the checkpoint's own class in one vLLM model.
+
+`rl` is loaded from the model path, `base` from `rlvrx_base_path` in the config
+(set through `hf_overrides`). Both run on the same input ids and positions, so they
+share the scheduler's block table; their attention layers have distinct names, so
+vLLM gives each its own KV cache. `forward` returns both hidden states side by side;
+`compute_logits` returns the RL logits to vLLM and leaves the base logits in
+`server.engine.step.STEP` for the logits processor.
+"""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+from vllm.model_executor.models.registry import ModelRegistry
+from vllm.model_executor.models.utils import maybe_prefix
+
+from server.engine.step import STEP
+
+
+
+def base_weights(base_path: str) -> Iterable[tuple[str, torch.Tensor]]:
+    files = sorted(str(p) for p in Path(base_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in the base model path {base_path}")
+    return safetensors_weights_iterator(files, use_tqdm_on_load=False)
+
+
+class ExtrapolationForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        inner_cls, _ = ModelRegistry.resolve_model_cls(
+            [hf_config.rlvrx_inner_architecture], vllm_config.model_config
+        )
+        self.base_path = hf_config.rlvrx_base_path
+        self.rl = inner_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "rl"))
+        self.base = inner_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "base"))
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("prompt embeddings are not supported: the two models embed differently")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if input_ids is None:
+            raise NotImplementedError("the extrapolation pair needs token ids, not embeddings")
+        rl_hidden = self.rl(input_ids, positions)
+        base_hidden = self.base(input_ids, positions)
+        return torch.cat([rl_hidden, base_hidden], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        rl_hidden, base_hidden = hidden_states.chunk(2, dim=-1)
+        rl_logits = self.rl.compute_logits(rl_hidden)
+        base_logits = self.base.compute_logits(base_hidden)
+        if rl_logits is None:  # not the rank that samples
+            return None
+        STEP.publish(rl_logits, base_logits)
+        return rl_logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = {f"rl.{name}" for name in self.rl.load_weights(weights)}
+        loaded |= {f"base.{name}" for name in self.base.load_weights(base_weights(self.base_path))}
+        return loaded

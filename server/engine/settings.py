@@ -1,0 +1,127 @@
+"""Per-request extrapolation settings: one typed object, parsed and validated in one place.
+
+Requests carry their settings in `SamplingParams.extra_args` (filled from the OpenAI
+request's `vllm_xargs` by vLLM, or by our API layer from first-class fields). Missing
+keys take the defaults passed in (the server's), else the paper's values below.
+Errors name the offending field, so the HTTP layer can answer 400 with `param` set.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+FIELDS = ("gamma", "tau", "generator", "candidates")
+PRESETS = ("extrapolate", "rl", "base")
+GENERATORS = ("base", "rl")
+GAMMA_RANGE = (-1.0, 10.0)
+MAX_CANDIDATES = 1 << 20
+
+
+class SettingsError(ValueError):
+    """A request field with a bad value; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Extrapolation:
+    """What one request asks for. `tau` is +inf for "always extrapolate"."""
+
+    gamma: float = 0.05
+    tau: float = -0.3
+    generator: str = "base"
+    candidates: int = 50
+    preset: str = "extrapolate"
+
+    @property
+    def passthrough(self) -> str | None:
+        """The model whose own logits the sampler may use unchanged, if any.
+
+        The presets, and τ = −∞ (no proposal is ever rejected, so q is the generator's
+        own distribution): vLLM's sampler then applies temperature and top-p itself and
+        the output is token-for-token that of the model alone.
+        """
+        if self.preset != "extrapolate":
+            return self.preset
+        if self.tau == -math.inf:
+            return self.generator
+        return None
+
+    def as_xargs(self) -> dict[str, Any]:
+        """The settings as `vllm_xargs` entries (JSON-safe: τ = ±inf as a string)."""
+        tau: float | str = self.tau if math.isfinite(self.tau) else ("inf" if self.tau > 0 else "-inf")
+        return {"gamma": self.gamma, "tau": tau, "generator": self.generator,
+                "candidates": self.candidates, "preset": self.preset}
+
+
+def _number(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingsError(field, f"'{field}' must be a number, got {value!r}")
+    if math.isnan(value):
+        raise SettingsError(field, f"'{field}' must not be NaN")
+    return float(value)
+
+
+def parse_gamma(value: Any) -> float:
+    gamma = _number("gamma", value)
+    lo, hi = GAMMA_RANGE
+    if not lo <= gamma <= hi:
+        raise SettingsError("gamma", f"'gamma' must be in [{lo:g}, {hi:g}], got {value!r}")
+    return gamma
+
+
+def parse_tau(value: Any) -> float:
+    """null → +inf (extrapolate everywhere); "-inf"/"inf" accepted since JSON has no infinities."""
+    if value is None:
+        return math.inf
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("inf", "+inf", "infinity", "+infinity"):
+            return math.inf
+        if word in ("-inf", "-infinity"):
+            return -math.inf
+        raise SettingsError("tau", f"'tau' must be a number, null, \"inf\" or \"-inf\", got {value!r}")
+    return _number("tau", value)
+
+
+def parse_generator(value: Any) -> str:
+    if value not in GENERATORS:
+        raise SettingsError("generator", f"'generator' must be one of {list(GENERATORS)}, got {value!r}")
+    return value
+
+
+def parse_candidates(value: Any, vocab_size: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise SettingsError("candidates", f"'candidates' must be a non-negative integer, got {value!r}")
+    limit = vocab_size or MAX_CANDIDATES
+    if not 0 <= value <= limit:
+        raise SettingsError("candidates", f"'candidates' must be in [0, {limit}] (0 = whole vocabulary), got {value}")
+    return value
+
+
+def parse_preset(value: Any) -> str:
+    if value not in PRESETS:
+        raise SettingsError("preset", f"'preset' must be one of {list(PRESETS)}, got {value!r}")
+    return value
+
+
+_PARSERS = {"gamma": parse_gamma, "tau": parse_tau, "generator": parse_generator,
+            "candidates": parse_candidates, "preset": parse_preset}
+
+
+def parse(values: Mapping[str, Any] | None, defaults: Extrapolation = Extrapolation(),
+          vocab_size: int | None = None) -> Extrapolation:
+    """Settings from a mapping (extra_args, or request fields); unknown keys are ignored."""
+    values = values or {}
+    changes = {}
+    for name, parser in _PARSERS.items():
+        if name in values:
+            value = values[name]
+            changes[name] = parse_candidates(value, vocab_size) if name == "candidates" else parser(value)
+    return replace(defaults, **changes)

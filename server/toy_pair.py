@@ -1,0 +1,79 @@
+"""Build a small base/RL model pair from scratch, offline, in about a second.
+
+Used by the tests (tiny Qwen2- and Llama-family pairs) and by `make serve` until a
+trained demo pair exists. The tokenizer is a byte-level BPE trained here on a short
+built-in text; the base model has random weights; the "RL" child is the base plus a
+small perturbation, so Δlog p has the small signed spread that τ thresholds are for.
+"""
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Please reason step by step.",
+    "Put your final answer within \\boxed{}. What is 7 + 5? The answer is 12.",
+    "Reinforcement learning with verifiable rewards changes a few tokens a lot.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \" \\ | @ # $ % ^ & _ ~",
+    "Hello, world! How are you today? I am fine, thank you. Let us count: one two three.",
+]
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+}
+
+
+def build_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_pair(out_dir: str | Path, family: str = "qwen2", hidden: int = 64, layers: int = 2,
+               seed: int = 0, rl_noise: float = 0.05) -> tuple[Path, Path]:
+    """Write `<out_dir>/base` and `<out_dir>/rl` checkpoints; return their paths."""
+    import transformers
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config_cls, model_cls = (getattr(transformers, name) for name in FAMILIES[family])
+    config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+        max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.3,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    base = model_cls(config).float()
+    generator = torch.Generator().manual_seed(seed + 1)
+    rl = model_cls(config).float()
+    with torch.no_grad():
+        for (_, p_base), (_, p_rl) in zip(base.named_parameters(), rl.named_parameters()):
+            noise = torch.randn(p_base.shape, generator=generator) * rl_noise * p_base.abs().mean()
+            p_rl.copy_(p_base + noise)
+    paths = []
+    for name, model in (("base", base), ("rl", rl)):
+        path = out / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
