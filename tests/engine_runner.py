@@ -1,0 +1,62 @@
+"""Run one offline vLLM engine in a fresh process and print its generations as JSON.
+
+Tests start several engines (the pair, the RL model alone, the base model alone); each
+gets its own process so that vLLM's per-process state never leaks between them.
+
+Usage: python tests/engine_runner.py SPEC.json  →  JSON on the last line of stdout.
+SPEC: {"pair": [rl, base]} or {"model": path}, and "batches": a list of lists of
+requests {"prompt_ids": [...], "params": {SamplingParams fields}}; each inner list is
+submitted in one `generate` call.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def with_int_keys(params: dict) -> dict:
+    """JSON turned logit_bias's token ids into strings; vLLM wants ints."""
+    if params.get("logit_bias"):
+        params = {**params, "logit_bias": {int(k): v for k, v in params["logit_bias"].items()}}
+    return params
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from server.engine.pair import engine_kwargs
+
+    spec = json.load(open(sys.argv[1]))
+    if "pair" in spec:
+        kwargs = engine_kwargs(*spec["pair"])
+    else:
+        kwargs = {"model": spec["model"], "logprobs_mode": "processed_logprobs"}
+    llm = LLM(**kwargs, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+              enable_prefix_caching=spec.get("prefix_caching", False))
+    results = []
+    for batch in spec["batches"]:
+        prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in batch]
+        params = [SamplingParams(**with_int_keys(r["params"])) for r in batch]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([
+            [
+                {
+                    "token_ids": list(c.token_ids),
+                    "logprobs": [
+                        {str(t): lp.logprob for t, lp in pos.items()} for pos in (c.logprobs or [])
+                    ],
+                }
+                for c in out.outputs
+            ]
+            for out in outputs
+        ])
+    print("\n" + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
