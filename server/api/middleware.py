@@ -1,0 +1,205 @@
+"""ASGI middleware that adds the extrapolation surface to vLLM's OpenAI server.
+
+On /v1/chat/completions and /v1/completions it:
+
+* reads the first-class request fields `gamma`, `tau`, `generator`, `candidates`
+  (top level, or grouped under `extrapolation`) and the preset in the model name
+  (`<name>:rl`, `<name>:base`), validates them, merges them over the server's defaults
+  and hands them to the engine as `vllm_xargs` — bad values get an OpenAI-format 400
+  naming the field, before the engine sees anything;
+* gives the request a slot in the shared statistics table and, when the response
+  carries `usage`, adds `extrapolated_tokens` and `extrapolation_rate` to it
+  (JSON responses, and the usage chunk of streams with `include_usage`);
+* echoes the model name as requested (`<name>:rl` stays `<name>:rl`; vLLM would
+  answer with the first served name).
+
+Its configuration is `args.rlvrx` on the app state, set by `rlvrx serve`.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine import settings as settings_mod
+from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+PRESET_SUFFIXES = {":rl": "rl", ":base": "base"}
+PRIVATE_PREFIX = "_rlvrx"
+
+
+@dataclass
+class ApiConfig:
+    """What the HTTP layer needs to know; built by the CLI, stored on the app state."""
+
+    defaults: settings_mod.Extrapolation
+    vocab_size: int
+    stats_path: str
+
+
+def error_body(message: str, param: str | None, code: int = 400) -> bytes:
+    kind = "BadRequestError" if code == 400 else "Error"
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def request_settings(payload: dict[str, Any], config: ApiConfig) -> settings_mod.Extrapolation:
+    """Settings for one request body; removes the first-class fields from it."""
+    grouped = payload.pop("extrapolation", None)
+    if grouped is None:
+        grouped = {}
+    if not isinstance(grouped, dict):
+        raise settings_mod.SettingsError("extrapolation", "'extrapolation' must be an object")
+    unknown = sorted(set(grouped) - set(settings_mod.FIELDS))
+    if unknown:
+        raise settings_mod.SettingsError(
+            f"extrapolation.{unknown[0]}", f"unknown field 'extrapolation.{unknown[0]}'; known: {list(settings_mod.FIELDS)}"
+        )
+    xargs = payload.get("vllm_xargs") or {}
+    if not isinstance(xargs, dict):
+        return config.defaults  # vLLM rejects the malformed vllm_xargs itself
+    values = {k: xargs[k] for k in (*settings_mod.FIELDS, "preset") if k in xargs}
+    for field in settings_mod.FIELDS:
+        if field in payload:
+            if field in grouped:
+                raise settings_mod.SettingsError(field, f"'{field}' is given both at the top level and in 'extrapolation'")
+            values[field] = payload.pop(field)
+        elif field in grouped:
+            values[field] = grouped[field]
+    model = payload.get("model")
+    if isinstance(model, str):
+        for suffix, preset in PRESET_SUFFIXES.items():
+            if model.endswith(suffix):
+                values["preset"] = preset
+    return settings_mod.parse(values, config.defaults, vocab_size=config.vocab_size)
+
+
+class ExtrapolationMiddleware:
+    def __init__(self, app):
+        self.app = app
+        self.stats: StatsTable | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ROUTES:
+            return await self.app(scope, receive, send)
+        config: ApiConfig | None = getattr(scope["app"].state.args, "rlvrx", None)
+        if config is None:
+            return await self.app(scope, receive, send)
+        body = await read_body(receive)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):  # let vLLM answer malformed bodies its own way
+            return await self.app(scope, replay(body, receive), send)
+        try:
+            found = request_settings(payload, config)
+        except settings_mod.SettingsError as exc:
+            return await send_json(send, 400, error_body(str(exc), exc.field))
+        if self.stats is None:
+            self.stats = StatsTable(config.stats_path)
+        slot = self.stats.allocate()
+        xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if not k.startswith(PRIVATE_PREFIX)}
+        payload["vllm_xargs"] = {**xargs, **found.as_xargs(), FILE_KEY: config.stats_path, SLOT_KEY: slot}
+        await self.app(scope, replay(json.dumps(payload).encode(), receive), ResponseRewriter(send, self.stats, slot, payload.get("model")))
+
+
+async def read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """A `receive` that yields `body` once, then waits on the client as usual (disconnects)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def send_json(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ResponseRewriter:
+    """Wraps `send`: adds the extrapolation counts to every `usage` object in the
+    response and sets `model` to the name the client asked for."""
+
+    def __init__(self, send, stats: StatsTable, slot: int, model: str | None):
+        self.send = send
+        self.stats = stats
+        self.slot = slot
+        self.model = model if isinstance(model, str) else None
+        self.streaming = False
+        self.start: dict | None = None
+        self.buffer = b""
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            if self.streaming:
+                return await self.send(message)
+            self.start = message  # held until the body is complete: its length changes
+            return None
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        if self.streaming:
+            return await self.stream_body(message)
+        self.buffer += message.get("body", b"")
+        if message.get("more_body"):
+            return None
+        body = self.rewrite_json(self.buffer)
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def stream_body(self, message):
+        self.buffer += message.get("body", b"")
+        events, _, self.buffer = self.buffer.rpartition(b"\n\n")
+        out = b""
+        if events:
+            for event in (events + b"\n\n").split(b"\n\n")[:-1]:
+                out += self.rewrite_event(event) + b"\n\n"
+        if not message.get("more_body"):
+            out += self.buffer
+            self.buffer = b""
+        if out or not message.get("more_body"):
+            await self.send({"type": "http.response.body", "body": out, "more_body": message.get("more_body", False)})
+
+    def rewrite_event(self, event: bytes) -> bytes:
+        if not event.startswith(b"data: {"):
+            return event
+        return b"data: " + self.rewrite_json(event[len(b"data: "):])
+
+    def rewrite_json(self, raw: bytes) -> bytes:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return raw
+        if not isinstance(data, dict) or "error" in data:
+            return raw
+        if self.model is not None and "model" in data:
+            data["model"] = self.model
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            extrapolated = self.stats.read(self.slot)
+            generated = usage.get("completion_tokens") or 0
+            usage["extrapolated_tokens"] = round(extrapolated, 4)
+            usage["extrapolation_rate"] = round(extrapolated / generated, 6) if generated else 0.0
+        return json.dumps(data, separators=(",", ":")).encode()

@@ -1,0 +1,122 @@
+"""Command line: `rlvrx serve` (the OpenAI server for a pair) and `rlvrx demo` (build a pair).
+
+`rlvrx serve --rl PATH --base PATH [--gamma G --tau T --generator base|rl --candidates K]
+[any vLLM serve flag]` checks the pair, then starts vLLM's OpenAI server with the
+wrapper architecture, the extrapolating logits processor, processed logprobs, our
+middleware, and three served names: `<name>`, `<name>:rl`, `<name>:base`.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from server.api.middleware import ApiConfig
+from server.engine import settings as settings_mod
+from server.engine.pair import PairError, engine_kwargs
+
+MIDDLEWARE = "server.api.middleware.ExtrapolationMiddleware"
+
+
+def tau_arg(text: str) -> float:
+    return settings_mod.parse_tau(None if text.lower() in ("none", "null") else _maybe_number(text))
+
+
+def _maybe_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def our_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlvrx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", allow_abbrev=False, help="serve a base/RL pair through the OpenAI API (other flags go to vLLM)")
+    serve.add_argument("--rl", required=True, help="path of the RLVR-trained checkpoint (its tokenizer and chat template are used)")
+    serve.add_argument("--base", required=True, help="path of the base checkpoint")
+    defaults = settings_mod.Extrapolation()
+    serve.add_argument("--gamma", type=float, default=defaults.gamma, help="default extrapolation strength γ")
+    serve.add_argument("--tau", type=str, default=str(defaults.tau), help="default threshold τ; 'null' = always, '-inf' = never")
+    serve.add_argument("--generator", choices=settings_mod.GENERATORS, default=defaults.generator)
+    serve.add_argument("--candidates", type=int, default=defaults.candidates, help="default top-k of the extrapolated draw; 0 = all")
+    demo = sub.add_parser("demo", help="build the small demo pair (random weights) if it is not there")
+    demo.add_argument("--out", default="models/demo")
+    return parser
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"rlvrx: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # The V1 logits-processor interface; Model Runner V2 (CUDA default) refuses it.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    try:
+        defaults = settings_mod.parse(
+            {"gamma": ours.gamma, "tau": tau_arg(ours.tau), "generator": ours.generator, "candidates": ours.candidates}
+        )
+        pair = engine_kwargs(ours.rl, ours.base)
+    except settings_mod.SettingsError as exc:
+        fail(f"--{exc.field}: {exc}")
+    except PairError as exc:
+        fail(str(exc))
+
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from server.engine.stats import StatsTable
+
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="rlvrx serve")).parse_args(vllm_argv)
+    if args.api_server_count not in (None, 1):
+        fail("--api-server-count must be 1: run more replicas behind a load balancer instead")
+    for key, value in pair.items():
+        setattr(args, key, value)
+    name = (args.served_model_name or [Path(ours.rl).resolve().name])[0]
+    args.served_model_name = [name, f"{name}:rl", f"{name}:base"]
+    args.middleware = [*args.middleware, MIDDLEWARE]
+    validate_parsed_serve_args(args)
+
+    vocab_size = json.loads((Path(ours.rl) / "config.json").read_text())["vocab_size"]
+    stats = StatsTable.create()
+    args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path)
+    tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")
+    print(f"rlvrx: serving {name} (extrapolated: gamma={defaults.gamma} tau={tau} generator={defaults.generator} "
+          f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)
+    try:
+        uvloop.run(run_server(args))
+    finally:
+        stats.remove()
+
+
+def demo(ours: argparse.Namespace) -> None:
+    from server.toy_pair import build_pair
+
+    out = Path(ours.out)
+    if (out / "rl" / "config.json").is_file() and (out / "base" / "config.json").is_file():
+        print(f"rlvrx: demo pair already in {out}", file=sys.stderr)
+        return
+    base, rl = build_pair(out, family="qwen2", hidden=128, layers=2, rl_noise=0.03)
+    print(f"rlvrx: built demo pair: base={base} rl={rl}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ours, rest = our_parser().parse_known_args(argv)
+    if ours.command == "serve":
+        serve(ours, rest)
+    else:
+        if rest:
+            fail(f"unknown arguments: {' '.join(rest)}")
+        demo(ours)
+
+
+if __name__ == "__main__":
+    main()
