@@ -22,6 +22,27 @@ def toy_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return {family: build_pair(root / family, family=family, seed=i) for i, family in enumerate(("qwen2", "llama"))}
 
 
+@pytest.fixture(scope="session")
+def hf_models(toy_pairs):
+    """{family: (rl, base)} as float64 transformers models: the reference forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return {
+        family: tuple(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64).eval() for p in (rl, base))
+        for family, (base, rl) in toy_pairs.items()
+    }
+
+
+def next_logits(models, ids):
+    """Float64 next-token logits of (rl, base) after the token ids `ids`."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        return tuple(m(x).logits[0, -1].numpy() for m in models)
+
+
 def run_engine(spec: dict, tmp_path: Path) -> list:
     """Run tests/engine_runner.py on `spec` in a fresh process; return its results."""
     spec_file = tmp_path / f"spec-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
@@ -33,3 +54,49 @@ def run_engine(spec: dict, tmp_path: Path) -> list:
     if proc.returncode != 0:
         raise AssertionError(f"engine runner failed:\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(toy_pairs, tmp_path_factory):
+    """`rlvrx serve` on the Qwen2 toy pair (engine in its own process, as in production).
+
+    Yields (base_url, served_name, (base_path, rl_path)).
+    """
+    import time
+    import urllib.request
+
+    base, rl = toy_pairs["qwen2"]
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base),
+         "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "512", "--seed", "0", "--max-num-seqs", "32"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError("server did not start:\n" + Path(log.name).read_text()[-5000:])
+            time.sleep(1)
+    yield url, "toy", (base, rl)
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from kernels import reference as ref
-from tests.conftest import run_engine
+from tests.conftest import next_logits, run_engine
 
 MAX_TOKENS = 10
 rng = np.random.default_rng(2026)
@@ -93,24 +92,6 @@ def runs(toy_pairs, tmp_path_factory):
     out["rl_alone"] = run_engine({"model": str(rl), "batches": [passthrough_batch("rl")]}, tmp)[0]
     out["base_alone"] = run_engine({"model": str(base), "batches": [passthrough_batch("base")]}, tmp)[0]
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_models(toy_pairs):
-    from transformers import AutoModelForCausalLM
-
-    models = {}
-    for family, (base, rl) in toy_pairs.items():
-        models[family] = tuple(
-            AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64).eval() for p in (rl, base)
-        )
-    return models
-
-
-def next_logits(models, ids):
-    with torch.no_grad():
-        x = torch.tensor([ids])
-        return tuple(m(x).logits[0, -1].numpy() for m in models)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
