@@ -40,7 +40,7 @@ def our_parser() -> argparse.ArgumentParser:
     defaults = settings_mod.Extrapolation()
     serve.add_argument("--gamma", type=float, default=defaults.gamma, help="default extrapolation strength γ")
     serve.add_argument("--tau", type=str, default=str(defaults.tau), help="default threshold τ; 'null' = always, '-inf' = never")
-    serve.add_argument("--generator", choices=settings_mod.GENERATORS, default=defaults.generator)
+    serve.add_argument("--generator", default=defaults.generator, help="default proposer: base or rl")
     serve.add_argument("--candidates", type=int, default=defaults.candidates, help="default top-k of the extrapolated draw; 0 = all")
     demo = sub.add_parser("demo", help="build the small demo pair (random weights) if it is not there")
     demo.add_argument("--out", default="models/demo")

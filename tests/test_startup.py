@@ -1,0 +1,54 @@
+"""`rlvrx serve` refuses a pair that cannot share one engine: one line, exit code 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from server.toy_pair import build_pair
+from tests.conftest import ROOT
+
+
+def serve_fails(rl, base, *extra):
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlvrx: error: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def other_pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    return {"llama": build_pair(root / "llama", family="llama"), "wide": build_pair(root / "wide", hidden=128)}
+
+
+def test_refuses_different_architectures(toy_pairs, other_pairs):
+    assert "architectures differ" in serve_fails(toy_pairs["qwen2"][1], other_pairs["llama"][0])
+
+
+def test_refuses_different_shapes(toy_pairs, other_pairs):
+    assert "hidden_size" in serve_fails(toy_pairs["qwen2"][1], other_pairs["wide"][0])
+
+
+def test_refuses_different_tokenizers(toy_pairs, tmp_path):
+    base, rl = toy_pairs["qwen2"]
+    other = tmp_path / "base"
+    shutil.copytree(base, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[100], list(vocab)[101]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert "tokenizers differ" in serve_fails(rl, other)
+
+
+def test_refuses_missing_path_and_bad_defaults(toy_pairs, tmp_path):
+    base, rl = toy_pairs["qwen2"]
+    assert "no config.json" in serve_fails(tmp_path / "missing", base)
+    assert "--generator" in serve_fails(rl, base, "--generator", "teacher")
+    assert "--gamma" in serve_fails(rl, base, "--gamma", "50")
+    assert "--tau" in serve_fails(rl, base, "--tau", "abc")
