@@ -5,6 +5,6 @@ implementation in `kernels.rule`; the fused Triton kernel slots in behind it on 
 `kernels.reference` is the float64 two-stage reference used by the tests.
 """
 
-from kernels.rule import GREEDY_EPS, RowSettings, combine
+from kernels.rule import GREEDY_EPS, Combined, RowSettings, combine
 
-__all__ = ["GREEDY_EPS", "RowSettings", "combine"]
+__all__ = ["GREEDY_EPS", "Combined", "RowSettings", "combine"]

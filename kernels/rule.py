@@ -12,7 +12,8 @@ generator, candidates (top-k), temperature and top-p:
   candidate set S, −inf elsewhere.
 
 It also returns, per row, the probability M that the position is extrapolated
-(0 or 1 for greedy rows). The fused Triton kernel (kernels/triton_combine.py, when it
+(0 or 1 for greedy rows), and on request Δ = a − b for every token (for statistics of
+the emitted tokens). The fused Triton kernel (kernels/triton_combine.py, when it
 exists) computes the same two outputs; `kernels.combine` picks the implementation.
 
 Conventions for masked tokens (−inf logits, e.g. from allowed-token or bad-words masks,
@@ -22,6 +23,7 @@ widens to the whole vocabulary.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -76,14 +78,19 @@ def candidate_mask(gen_logits: torch.Tensor, candidates: torch.Tensor) -> torch.
     return (gen_logits >= kth) | (k == 0).unsqueeze(1)
 
 
+class Combined(NamedTuple):
+    out: torch.Tensor  # [N, V] float32: log q (sampled rows) or the greedy row
+    prob: torch.Tensor  # [N] float32: probability that the position is extrapolated
+    delta: torch.Tensor | None  # [N, V] float32 Δlog p, when asked for
+
+
 def combine(
-    rl_logits: torch.Tensor, base_logits: torch.Tensor, settings: RowSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
+    rl_logits: torch.Tensor, base_logits: torch.Tensor, settings: RowSettings, want_delta: bool = False
+) -> Combined:
     """Apply the rule to a batch of rows.
 
     rl_logits, base_logits: [N, V] raw logits (any float dtype) of the same positions.
-    Returns (out [N, V] float32, extrapolation_prob [N] float32), described in the
-    module docstring.
+    Returns the outputs described in the module docstring.
     """
     rl = rl_logits.float()
     base = base_logits.float()
@@ -118,4 +125,4 @@ def combine(
 
     out = torch.where(greedy.unsqueeze(1), greedy_row, log_q)
     prob = torch.where(greedy, greedy_flag.float(), prob_ext)
-    return out, prob
+    return Combined(out, prob, delta if want_delta else None)

@@ -10,10 +10,11 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from server.api.middleware import ApiConfig
 from server.engine import settings as settings_mod
 from server.engine.pair import PairError, engine_kwargs
 
@@ -53,6 +54,12 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
 
 
 def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
+    # Before anything imports prometheus-client: the engine's metrics (server.engine.metrics)
+    # reach /metrics through multiprocess mode, whether the engine runs in this process or not.
+    metrics_dir = None
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="rlvrx-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     # The V1 logits-processor interface; Model Runner V2 (CUDA default) refuses it.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -72,6 +79,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from server.api.middleware import ApiConfig
     from server.engine.stats import StatsTable
 
     cli_env_setup()
@@ -87,7 +95,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
 
     vocab_size = json.loads((Path(ours.rl) / "config.json").read_text())["vocab_size"]
     stats = StatsTable.create()
-    args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path)
+    args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name)
     tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")
     print(f"rlvrx: serving {name} (extrapolated: gamma={defaults.gamma} tau={tau} generator={defaults.generator} "
           f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)
@@ -95,6 +103,8 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
         uvloop.run(run_server(args))
     finally:
         stats.remove()
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def demo(ours: argparse.Namespace) -> None:

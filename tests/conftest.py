@@ -64,19 +64,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(toy_pairs, tmp_path_factory):
-    """`rlvrx serve` on the Qwen2 toy pair (engine in its own process, as in production).
-
-    Yields (base_url, served_name, (base_path, rl_path)).
-    """
+def start_server(pair, log_path: Path, extra_env: dict | None = None):
+    """Start `rlvrx serve` on a toy pair; return (process, base_url) once /health answers."""
     import time
     import urllib.request
 
-    base, rl = toy_pairs["qwen2"]
+    base, rl = pair
     port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = log_path.open("w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(extra_env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base),
          "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
@@ -88,15 +84,37 @@ def live_server(toy_pairs, tmp_path_factory):
     while True:
         try:
             urllib.request.urlopen(url + "/health", timeout=2)
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise AssertionError("server did not start:\n" + Path(log.name).read_text()[-5000:])
+                raise AssertionError("server did not start:\n" + log_path.read_text()[-5000:])
             time.sleep(1)
-    yield url, "toy", (base, rl)
+
+
+def stop_server(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(toy_pairs, tmp_path_factory):
+    """`rlvrx serve` on the Qwen2 toy pair, engine in its own process (the default).
+
+    Yields (base_url, served_name, (base_path, rl_path)).
+    """
+    proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp("server") / "server.log")
+    yield url, "toy", toy_pairs["qwen2"]
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def live_server_inprocess(toy_pairs, tmp_path_factory):
+    """The same, with the engine inside the API server's process."""
+    proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp("server") / "server.log",
+                             {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    yield url, "toy", toy_pairs["qwen2"]
+    stop_server(proc)

@@ -47,7 +47,7 @@ def to_row_settings(settings):
 
 
 def run_combine(rl, base, settings):
-    out, prob = combine(
+    out, prob, _ = combine(
         torch.tensor(rl, dtype=torch.float32), torch.tensor(base, dtype=torch.float32), to_row_settings(settings)
     )
     return out.double().numpy(), prob.double().numpy()
@@ -185,3 +185,14 @@ def test_rows_do_not_leak_into_each_other():
         alone, p_alone = run_combine(rl[i : i + 1], base[i : i + 1], [settings[i]])
         np.testing.assert_allclose(out[i], alone[0], atol=1e-6)
         assert prob[i] == pytest.approx(p_alone[0], abs=1e-7)
+
+
+def test_delta_is_the_log_ratio_of_the_two_models():
+    rng = np.random.default_rng(16)
+    rl, base = random_pair(rng, 4)
+    settings = random_settings(rng, 4)
+    _, _, delta = combine(torch.tensor(rl, dtype=torch.float32), torch.tensor(base, dtype=torch.float32),
+                          to_row_settings(settings), want_delta=True)
+    for i in range(4):
+        expected = ref.log_softmax(rl[i]) - ref.log_softmax(base[i])
+        np.testing.assert_allclose(delta[i].double().numpy(), expected, atol=1e-5)

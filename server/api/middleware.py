@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from server.api.metrics import observe_request
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
 
@@ -35,6 +36,7 @@ class ApiConfig:
     defaults: settings_mod.Extrapolation
     vocab_size: int
     stats_path: str
+    served_name: str
 
 
 def error_body(message: str, param: str | None, code: int = 400) -> bytes:
@@ -95,6 +97,7 @@ class ExtrapolationMiddleware:
             found = request_settings(payload, config)
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
+        observe_request(config.served_name, found)
         if self.stats is None:
             self.stats = StatsTable(config.stats_path)
         slot = self.stats.allocate()

@@ -16,6 +16,8 @@ base row (the difference against an unedited copy), so both models see one reque
 """
 
 import math
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from kernels import GREEDY_EPS, RowSettings, combine
+from server.engine import metrics
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
 from server.engine.step import STEP
@@ -42,6 +45,7 @@ class RowState:
     stats_file: str | None
     stats_slot: int | None
     edits_logits: bool  # vLLM edits this row's RL logits before the processor
+    output_ids: list[int]  # vLLM's running list of the request's generated tokens
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class BatchPlan:
     base_rows: torch.Tensor | None  # rows of the base pass-through
     settings: RowSettings | None  # settings of ext_rows, in that order
     stats: list[tuple[int, str, int]]  # (position in ext_rows, file, slot)
+    rows_per_label: Counter  # rows of each metrics label (extrapolated, rl, base)
+    ext_states: list[RowState]  # the states of ext_rows, in that order
 
 
 def read_settings(params: SamplingParams) -> settings_mod.Extrapolation:
@@ -84,11 +90,16 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         self.rows: dict[int, RowState] = {}
         self.plan: BatchPlan | None = None
         self.tables: dict[str, StatsTable | None] = {}
+        names = vllm_config.model_config.served_model_name
+        self.model_name = names[0] if isinstance(names, (list, tuple)) else str(names)
+        # Δ rows of the last step's extrapolated rows, read once their sampled token is known.
+        self.pending_delta: tuple[torch.Tensor, list[tuple[int, list[int], int]]] | None = None
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        self.observe_emitted_delta()
         if process_dict_updates(self.rows, batch_update, self.new_row):
             self.plan = None
             STEP.keep_rl_raw = any(row.edits_logits for row in self.rows.values())
@@ -104,6 +115,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             stats_file=args.get(FILE_KEY) if slot is not None else None,
             stats_slot=int(slot) if slot is not None else None,
             edits_logits=edits_logits(params),
+            output_ids=output_ids,
         )
 
     def build_plan(self, num_rows: int) -> BatchPlan:
@@ -125,16 +137,25 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             base_rows=as_tensor(base, torch.int64) if base else None,
             settings=row_settings,
             stats=[(pos, r.stats_file, r.stats_slot) for pos, r in enumerate(states) if r.stats_slot is not None],
+            rows_per_label=Counter(r.settings.label for i, r in self.rows.items() if i < num_rows),
+            ext_states=states,
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
+        started = time.perf_counter()
         if self.plan is None:
             self.plan = self.build_plan(logits.shape[0])
         plan = self.plan
-        if plan.ext_rows is None and plan.base_rows is None:
-            return logits
+        for label, count in plan.rows_per_label.items():
+            metrics.GENERATED_TOKENS.labels(self.model_name, label).inc(count)
+        if plan.ext_rows is not None or plan.base_rows is not None:
+            logits = self.combine_rows(logits, plan)
+        metrics.COMBINE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
+        return logits
+
+    def combine_rows(self, logits: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
         base = STEP.base
         if base is None or base.shape != logits.shape:
             raise RuntimeError(
@@ -149,17 +170,33 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             logits[plan.base_rows] = base[plan.base_rows].float()
         if plan.ext_rows is not None:
             if plan.ext_all:
-                logits, prob = combine(logits, base, plan.settings)
+                logits, prob, delta = combine(logits, base, plan.settings, want_delta=True)
             else:
-                out, prob = combine(logits[plan.ext_rows], base[plan.ext_rows], plan.settings)
+                out, prob, delta = combine(logits[plan.ext_rows], base[plan.ext_rows], plan.settings, want_delta=True)
                 logits[plan.ext_rows] = out
             self.record(plan, prob)
+            self.pending_delta = (delta, [(pos, r.output_ids, len(r.output_ids)) for pos, r in enumerate(plan.ext_states)])
         return logits
 
-    def record(self, plan: BatchPlan, prob: torch.Tensor) -> None:
-        if not plan.stats:
+    def observe_emitted_delta(self) -> None:
+        """Δlog p of the tokens sampled from last step's extrapolated rows, now that vLLM
+        has appended them to the requests' output lists (finished requests included)."""
+        if self.pending_delta is None:
             return
+        delta, rows = self.pending_delta
+        self.pending_delta = None
+        picked = [(pos, ids[n]) for pos, ids, n in rows if len(ids) > n and 0 <= ids[n] < delta.shape[1]]
+        if not picked:
+            return
+        positions = torch.tensor([p for p, _ in picked], device=delta.device)
+        tokens = torch.tensor([t for _, t in picked], device=delta.device)
+        histogram = metrics.DELTA_LOGP.labels(self.model_name, "extrapolated")
+        for value in delta[positions, tokens].tolist():
+            histogram.observe(value)
+
+    def record(self, plan: BatchPlan, prob: torch.Tensor) -> None:
         values = prob.tolist()
+        metrics.EXTRAPOLATED_TOKENS.labels(self.model_name, "extrapolated").inc(sum(values))
         by_file: dict[str, tuple[list[int], list[float]]] = {}
         for pos, path, slot in plan.stats:
             slots, vals = by_file.setdefault(path, ([], []))

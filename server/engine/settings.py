@@ -50,6 +50,11 @@ class Extrapolation:
             return self.generator
         return None
 
+    @property
+    def label(self) -> str:
+        """The `preset` label of the metrics: extrapolated, rl or base."""
+        return "extrapolated" if self.preset == "extrapolate" else self.preset
+
     def as_xargs(self) -> dict[str, Any]:
         """The settings as `vllm_xargs` entries (JSON-safe: τ = ±inf as a string)."""
         tau: float | str = self.tau if math.isfinite(self.tau) else ("inf" if self.tau > 0 else "-inf")

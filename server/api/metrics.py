@@ -1,0 +1,25 @@
+"""Prometheus metrics of the HTTP layer: the extrapolation settings that requests ask for."""
+
+import math
+
+from prometheus_client import Histogram
+
+from server.engine.settings import Extrapolation
+
+LABELS = ("model_name", "preset")
+REQUEST_GAMMA = Histogram(
+    "rlvrx:request_gamma", "Requested extrapolation strength γ.", LABELS,
+    buckets=(-1.0, -0.5, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+)
+REQUEST_TAU = Histogram(
+    "rlvrx:request_tau", "Requested threshold τ (null = +inf lands in +Inf, \"-inf\" in the lowest bucket).", LABELS,
+    buckets=(-5.0, -2.0, -1.0, -0.5, -0.4, -0.35, -0.3, -0.25, -0.2, -0.1, 0.0, 0.5, 1.0, 5.0),
+)
+TAU_CLAMP = 1e3  # ±inf would turn the histogram's sum into nan
+
+
+def observe_request(model_name: str, settings: Extrapolation) -> None:
+    labels = (model_name, settings.label)
+    REQUEST_GAMMA.labels(*labels).observe(settings.gamma)
+    tau = settings.tau if math.isfinite(settings.tau) else math.copysign(TAU_CLAMP, settings.tau)
+    REQUEST_TAU.labels(*labels).observe(tau)
