@@ -50,10 +50,16 @@ def test_metrics_move_by_what_responses_report(server):
     rl = [complete(f"{name}:rl", 5), complete(f"{name}:rl", 5, gamma=0.4)]
     base = [complete(f"{name}:base", 4)]
     rl.append(complete(f"{name}:rl", 3))  # one more engine step after the last extrapolated token
+    chunks = list(client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    extrapolated.append(chunks[-1].usage)
+    content_chunks = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
     after = scrape(url)
 
     label = {"model_name": name}
-    assert moved(before, after, "rlvrx:generated_tokens_total", **label, preset="extrapolated") == 18
+    assert moved(before, after, "rlvrx:generated_tokens_total", **label, preset="extrapolated") == 22
     assert moved(before, after, "rlvrx:generated_tokens_total", **label, preset="rl") == 13
     assert moved(before, after, "rlvrx:generated_tokens_total", **label, preset="base") == 4
     reported = sum(u.model_extra["extrapolated_tokens"] for u in extrapolated)
@@ -62,12 +68,17 @@ def test_metrics_move_by_what_responses_report(server):
         reported, abs=1e-3)
     assert moved(before, after, "rlvrx:extrapolated_tokens_total", **label, preset="rl") == 0
     assert all(u.model_extra["extrapolated_tokens"] == 0 for u in rl + base)
-    assert moved(before, after, "rlvrx:delta_logp_count", **label, preset="extrapolated") == 18
-    for preset, count in (("extrapolated", 3), ("rl", 3), ("base", 1)):
+    assert moved(before, after, "rlvrx:delta_logp_count", **label, preset="extrapolated") >= 18
+    assert moved(before, after, "rlvrx:e2e_latency_seconds_count", **label, preset="extrapolated") == 4
+    assert moved(before, after, "rlvrx:e2e_latency_seconds_count", **label, preset="rl") == 3
+    assert moved(before, after, "rlvrx:time_to_first_token_seconds_count", **label, preset="extrapolated") == 1
+    assert moved(before, after, "rlvrx:inter_token_latency_seconds_count", **label, preset="extrapolated") == (
+        content_chunks - 1)
+    for preset, count in (("extrapolated", 4), ("rl", 3), ("base", 1)):
         assert moved(before, after, "rlvrx:request_gamma_count", **label, preset=preset) == count
         assert moved(before, after, "rlvrx:request_tau_count", **label, preset=preset) == count
     assert moved(before, after, "rlvrx:combine_seconds_count", **label) > 0
-    assert moved(before, after, "rlvrx:request_gamma_sum", **label, preset="extrapolated") == pytest.approx(1.7)
+    assert moved(before, after, "rlvrx:request_gamma_sum", **label, preset="extrapolated") == pytest.approx(1.75)
     # vLLM's own serving metrics are still there.
     names = {key[0] for key in after}
     for vllm_metric in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",

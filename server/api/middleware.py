@@ -17,10 +17,11 @@ Its configuration is `args.rlvrx` on the app state, set by `rlvrx serve`.
 """
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from server.api.metrics import observe_request
+from server.api import metrics
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
 
@@ -97,13 +98,20 @@ class ExtrapolationMiddleware:
             found = request_settings(payload, config)
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
-        observe_request(config.served_name, found)
+        labels = (config.served_name, found.label)
+        metrics.observe_request(*labels, found)
         if self.stats is None:
             self.stats = StatsTable(config.stats_path)
         slot = self.stats.allocate()
         xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if not k.startswith(PRIVATE_PREFIX)}
         payload["vllm_xargs"] = {**xargs, **found.as_xargs(), FILE_KEY: config.stats_path, SLOT_KEY: slot}
-        await self.app(scope, replay(json.dumps(payload).encode(), receive), ResponseRewriter(send, self.stats, slot, payload.get("model")))
+        await self.app(scope, replay(json.dumps(payload).encode(), receive), ResponseRewriter(send, self.stats, slot, payload.get("model"), labels))
+
+
+def has_content(data: dict) -> bool:
+    """A stream chunk that carries generated text (chat delta content, or completion text)."""
+    choices = data.get("choices") or []
+    return any(isinstance(c, dict) and ((c.get("delta") or {}).get("content") or c.get("text")) for c in choices)
 
 
 async def read_body(receive) -> bytes:
@@ -140,13 +148,17 @@ async def send_json(send, status: int, body: bytes) -> None:
 
 class ResponseRewriter:
     """Wraps `send`: adds the extrapolation counts to every `usage` object in the
-    response and sets `model` to the name the client asked for."""
+    response, sets `model` to the name the client asked for, and times the response
+    for the per-preset latency metrics."""
 
-    def __init__(self, send, stats: StatsTable, slot: int, model: str | None):
+    def __init__(self, send, stats: StatsTable, slot: int, model: str | None, labels: tuple[str, str]):
         self.send = send
         self.stats = stats
         self.slot = slot
         self.model = model if isinstance(model, str) else None
+        self.labels = labels
+        self.started = self.last_content = time.perf_counter()
+        self.seen_content = False
         self.streaming = False
         self.start: dict | None = None
         self.buffer = b""
@@ -171,6 +183,19 @@ class ResponseRewriter:
         headers.append((b"content-length", str(len(body)).encode()))
         await self.send({**self.start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
+        self.observe_end()
+
+    def observe_end(self) -> None:
+        metrics.E2E_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.started)
+
+    def observe_content(self) -> None:
+        now = time.perf_counter()
+        if self.seen_content:
+            metrics.INTER_TOKEN_LATENCY.labels(*self.labels).observe(now - self.last_content)
+        else:
+            metrics.TIME_TO_FIRST_TOKEN.labels(*self.labels).observe(now - self.started)
+            self.seen_content = True
+        self.last_content = now
 
     async def stream_body(self, message):
         self.buffer += message.get("body", b"")
@@ -184,19 +209,23 @@ class ResponseRewriter:
             self.buffer = b""
         if out or not message.get("more_body"):
             await self.send({"type": "http.response.body", "body": out, "more_body": message.get("more_body", False)})
+        if not message.get("more_body"):
+            self.observe_end()
 
     def rewrite_event(self, event: bytes) -> bytes:
         if not event.startswith(b"data: {"):
             return event
-        return b"data: " + self.rewrite_json(event[len(b"data: "):])
+        return b"data: " + self.rewrite_json(event[len(b"data: "):], streamed=True)
 
-    def rewrite_json(self, raw: bytes) -> bytes:
+    def rewrite_json(self, raw: bytes, streamed: bool = False) -> bytes:
         try:
             data = json.loads(raw)
         except ValueError:
             return raw
         if not isinstance(data, dict) or "error" in data:
             return raw
+        if streamed and has_content(data):
+            self.observe_content()
         if self.model is not None and "model" in data:
             data["model"] = self.model
         usage = data.get("usage")
