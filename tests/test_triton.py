@@ -1,0 +1,93 @@
+"""The fused Triton kernel under TRITON_INTERPRET=1 on CPU tensors, against the float64
+reference and against the PyTorch path. Shapes are small: the interpreter is slow."""
+
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import reference as ref  # noqa: E402
+from kernels import rule  # noqa: E402
+from kernels import triton_combine  # noqa: E402
+from tests.test_rule import random_pair, to_row_settings  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+VOCAB = 301  # not a multiple of the block
+BLOCK = 64
+
+
+def extreme_settings(rng, rows):
+    out = []
+    for i in range(rows):
+        out.append(ref.Settings(
+            gamma=float(rng.choice([0.0, 0.1, -1.0, 10.0])),
+            tau=float(rng.choice([-math.inf, -0.3, 0.5, math.inf])),
+            generator=str(rng.choice(["base", "rl"])),
+            candidates=int(rng.choice([0, 1, 7, VOCAB, 10 * VOCAB])),
+            temperature=0.0 if i % 3 == 0 else float(rng.choice([0.05, 0.7, 1.0, 2.0])),
+            top_p=float(rng.choice([0.01, 0.6, 0.95, 1.0])),
+        ))
+    return out
+
+
+def masked_pair(rng, rows):
+    rl, base = random_pair(rng, rows, vocab=VOCAB)
+    both = rng.random((rows, VOCAB)) < 0.2
+    rl_only = rng.random((rows, VOCAB)) < 0.05
+    both[:, :3] = rl_only[:, :3] = False
+    rl[both | rl_only] = -np.inf
+    base[both] = -np.inf
+    return rl, base
+
+
+def check_against_reference(rl, base, settings, got):
+    for i, s in enumerate(settings):
+        if s.temperature == 0:
+            assert int(torch.argmax(got.out[i])) == ref.greedy_token(rl[i], base[i], s), s
+        else:
+            expected = ref.two_stage_distribution(rl[i], base[i], s)
+            np.testing.assert_allclose(got.out[i].exp().double().numpy(), expected, atol=3e-5, err_msg=str(s))
+        assert float(got.prob[i]) == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=3e-5)
+
+
+def test_kernel_equals_float64_reference_with_masks_and_extremes():
+    rng = np.random.default_rng(31)
+    rows = 21
+    rl, base = masked_pair(rng, rows)
+    settings = extreme_settings(rng, rows)
+    out = torch.full((rows, VOCAB), float("nan"))  # poison: every element must be written
+    got = triton_combine.combine(torch.tensor(rl, dtype=torch.float32), torch.tensor(base, dtype=torch.float32),
+                                 to_row_settings(settings), want_delta=True, out=out, block=BLOCK)
+    assert got.out is out and not torch.isnan(out).any()
+    check_against_reference(rl, base, settings, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_agrees_with_the_pytorch_path(dtype):
+    rng = np.random.default_rng(32 if dtype == torch.float32 else 33)
+    rows = 13
+    rl, base = random_pair(rng, rows, vocab=VOCAB)
+    settings = to_row_settings(extreme_settings(rng, rows))
+    rl_t, base_t = torch.tensor(rl, dtype=dtype), torch.tensor(base, dtype=dtype)
+    got = triton_combine.combine(rl_t, base_t, settings, want_delta=True, block=BLOCK)
+    expected = rule.combine(rl_t, base_t, settings, want_delta=True)
+    greedy = settings.temperature == 0
+    assert torch.equal(got.out[greedy].argmax(-1), expected.out[greedy].argmax(-1))
+    torch.testing.assert_close(got.out[~greedy].exp(), expected.out[~greedy].exp(), atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(got.prob, expected.prob, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(got.delta, expected.delta, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_writes_in_place_over_the_rl_rows():
+    rng = np.random.default_rng(34)
+    rl, base = random_pair(rng, 5, vocab=VOCAB)
+    settings = to_row_settings([ref.Settings(0.3, -0.3, "base", 10, 0.8, 0.9)] * 5)
+    rl_t = torch.tensor(rl, dtype=torch.float32)
+    expected = rule.combine(rl_t, torch.tensor(base, dtype=torch.float32), settings)
+    got = triton_combine.combine(rl_t, torch.tensor(base, dtype=torch.float32), settings, out=rl_t, block=BLOCK)
+    assert got.out.data_ptr() == rl_t.data_ptr()
+    torch.testing.assert_close(got.out.exp(), expected.out.exp(), atol=3e-5, rtol=1e-4)
