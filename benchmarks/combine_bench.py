@@ -1,0 +1,196 @@
+"""Cost of the combine step against one decode step; the GPU check of the fused kernel.
+
+    python benchmarks/combine_bench.py --device cuda            # GPU: kernel, PyTorch, copy, 7B step
+    python benchmarks/combine_bench.py --device cpu             # CPU: PyTorch path vs a decode step
+    TRITON_INTERPRET=1 python benchmarks/combine_bench.py --device cpu --small --kernel   # smoke run
+
+First it checks the Triton kernel against the PyTorch path on random rows (paper-like and
+extreme settings, fp32 and bf16) and exits non-zero on a mismatch. Then, for each
+vocabulary and batch size, it times (side by side, same run): the kernel, the unfused
+PyTorch path, a device-to-device copy of the same bytes, and one batched decode step of a
+random-weight Llama model (7B shape on GPU; a small one on CPU or with --small), and prints
+one table; `--out` writes it as JSON.
+
+Bytes: `min_MB` is what the step must move at least (read both logit rows once, write the
+output once); `frac_copy` is that over the kernel's time, as a fraction of the copy
+bandwidth measured in the same run.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernels import RowSettings, rule  # noqa: E402
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)  # the Triton interpreter's inf arithmetic
+
+
+def paper_settings(rows: int, device: str, temperature: float = 1.0) -> RowSettings:
+    full = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=device)  # noqa: E731
+    return RowSettings(gamma=full(0.05, torch.float32), tau=full(-0.3, torch.float32),
+                       use_base=full(True, torch.bool), candidates=full(50, torch.int64),
+                       temperature=full(temperature, torch.float32), top_p=full(0.7, torch.float32))
+
+
+def mixed_settings(rows: int, device: str, seed: int) -> RowSettings:
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda values: torch.tensor(values)[torch.randint(len(values), (rows,), generator=g)]  # noqa: E731
+    return RowSettings(
+        gamma=pick([0.0, 0.05, 1.0, 10.0]).float().to(device),
+        tau=pick([-math.inf, -0.3, 0.4, math.inf]).float().to(device),
+        use_base=pick([0, 1]).bool().to(device),
+        candidates=pick([0, 1, 50, 1000]).long().to(device),
+        temperature=pick([0.0, 0.7, 1.0, 1.5]).float().to(device),
+        top_p=pick([0.05, 0.7, 1.0]).float().to(device),
+    )
+
+
+def random_rows(rows: int, vocab: int, device: str, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, vocab, generator=g) * 2.5
+    rl = base + torch.randn(rows, vocab, generator=g) * 0.5
+    return rl.to(device=device, dtype=dtype), base.to(device=device, dtype=dtype)
+
+
+def check_kernel(device: str, vocabs: list[int], rows: int) -> list[dict]:
+    """Kernel vs PyTorch path; raises on a mismatch. Returns one record per case."""
+    from kernels import triton_combine
+
+    records = []
+    for vocab in vocabs:
+        for dtype in (torch.float32, torch.bfloat16):
+            rl, base = random_rows(rows, vocab, device, dtype, seed=vocab)
+            settings = mixed_settings(rows, device, seed=vocab + 1)
+            got = triton_combine.combine(rl, base, settings, want_delta=True)
+            expected = rule.combine(rl, base, settings, want_delta=True)
+            greedy = settings.temperature == 0
+            argmax_ok = bool(torch.equal(got.out[greedy].argmax(-1), expected.out[greedy].argmax(-1)))
+            q_err = float((got.out[~greedy].exp() - expected.out[~greedy].exp()).abs().max()) if (~greedy).any() else 0.0
+            m_err = float((got.prob - expected.prob).abs().max())
+            record = {"vocab": vocab, "dtype": str(dtype).split(".")[-1], "rows": rows, "greedy_argmax_equal": argmax_ok,
+                      "max_abs_q_error": q_err, "max_abs_M_error": m_err}
+            records.append(record)
+            print("check", json.dumps(record))
+            if not argmax_ok or q_err > 1e-4 or m_err > 1e-4:
+                raise SystemExit(f"kernel mismatch: {record}")
+    return records
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_step_seconds(device: str, batch: int, shape: dict, repeats: int) -> float:
+    """One batched decode step of a random-weight Llama (bf16 on GPU, fp32 on CPU) with a static cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = LlamaConfig(**shape)
+    model = decode_step_seconds.models.get((device, str(shape)))
+    if model is None:
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+        decode_step_seconds.models = {(device, str(shape)): model}
+    prompt = 32
+    cache = StaticCache(config=config, max_cache_len=prompt + repeats + 4)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device), use_cache=True)
+        position = [prompt]
+
+        def step():
+            pos = torch.tensor([position[0]], device=device)
+            model(ids[:, :1], past_key_values=cache, cache_position=pos, use_cache=True)
+            position[0] += 1
+
+        return timed(step, device, repeats)
+
+
+decode_step_seconds.models = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke run (e.g. under TRITON_INTERPRET=1)")
+    parser.add_argument("--kernel", action="store_true", help="on CPU, also run the Triton kernel (needs TRITON_INTERPRET=1)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    device = args.device
+    use_kernel = device == "cuda" or args.kernel
+    if args.small:
+        vocabs, batches, repeats = [1000], [1, 4], 2
+        shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=1000)
+    elif device == "cuda":
+        vocabs, batches, repeats = [32000, 152064], [1, 4, 16, 64, 256], 10
+        shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000)
+    else:
+        vocabs, batches, repeats = [32000, 152064], [1, 4, 16], 3
+        shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152)  # SmolLM2-135M's shape
+
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model_shape": shape,
+               "check": check_kernel(device, vocabs[:1] if args.small else vocabs, 8 if args.small else 32)
+               if use_kernel else [], "rows": []}
+    header = f"{'vocab':>7} {'batch':>5} {'torch_ms':>9} {'kernel_ms':>9} {'copy_ms':>8} {'min_MB':>8} " \
+             f"{'kern_GB/s':>9} {'frac_copy':>9} {'decode_ms':>9} {'share':>7}"
+    print(header)
+    for vocab in vocabs:
+        for batch in batches:
+            rl, base = random_rows(batch, vocab, device, torch.float32, seed=batch)
+            settings = paper_settings(batch, device)
+            torch_s = timed(lambda: rule.combine(rl, base, settings), device, repeats)
+            kernel_s = copy_s = None
+            min_bytes = batch * vocab * (4 + 4 + 4)
+            if use_kernel:
+                from kernels import triton_combine
+
+                out = torch.empty_like(rl)
+                kernel_s = timed(lambda: triton_combine.combine(rl, base, settings, out=out), device, repeats)
+                src = torch.empty(min_bytes // 4, device=device)
+                dst = torch.empty_like(src)
+                copy_s = timed(lambda: dst.copy_(src), device, repeats)
+            decode_s = decode_step_seconds(device, batch, shape, repeats)
+            combine_s = kernel_s if kernel_s is not None else torch_s
+            row = {"vocab": vocab, "batch": batch, "torch_ms": torch_s * 1e3,
+                   "kernel_ms": kernel_s * 1e3 if kernel_s else None, "copy_ms": copy_s * 1e3 if copy_s else None,
+                   "min_MB": min_bytes / 1e6,
+                   "kernel_GBps": min_bytes / kernel_s / 1e9 if kernel_s else None,
+                   "frac_of_copy": (copy_s / kernel_s) if kernel_s else None,
+                   "decode_ms": decode_s * 1e3, "combine_share_of_step": combine_s / decode_s}
+            results["rows"].append(row)
+            fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+            print(f"{vocab:>7} {batch:>5} {row['torch_ms']:>9.3f} {fmt(row['kernel_ms'], '>9.3f')} "
+                  f"{fmt(row['copy_ms'], '>8.3f')} {row['min_MB']:>8.2f} {fmt(row['kernel_GBps'], '>9.1f')} "
+                  f"{fmt(row['frac_of_copy'], '>9.3f')} {row['decode_ms']:>9.3f} {row['combine_share_of_step']:>7.3f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
