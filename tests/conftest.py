@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"  # the in-process server's key; clients of both servers send it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -113,8 +114,8 @@ def live_server(toy_pairs, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def live_server_inprocess(toy_pairs, tmp_path_factory):
-    """The same, with the engine inside the API server's process."""
+    """The same, with the engine inside the API server's process, and an API key (API_KEY)."""
     proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp("server") / "server.log",
-                             {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                             {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_API_KEY": API_KEY})
     yield url, "toy", toy_pairs["qwen2"]
     stop_server(proc)

@@ -1,12 +1,16 @@
 """Extrapolation metrics on /metrics move by exactly what the responses report,
 with the engine in its own process and inside the API server's process."""
 
+import json
+import urllib.error
 import urllib.request
 from collections import defaultdict
 
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import API_KEY
 
 PROMPT_IDS = [312, 345, 14, 273, 287]
 
@@ -34,7 +38,7 @@ def server(request):
 
 def test_metrics_move_by_what_responses_report(server):
     url, name, _ = server
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
     def complete(model, max_tokens, temperature=0.0, **extra):
         r = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=max_tokens, temperature=temperature,
@@ -84,3 +88,17 @@ def test_metrics_move_by_what_responses_report(server):
     for vllm_metric in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
                         "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
         assert vllm_metric in names, vllm_metric
+
+
+def test_requests_without_the_key_get_401_and_are_not_counted(live_server_inprocess):
+    url, name, _ = live_server_inprocess
+    before = scrape(url)
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        body = json.dumps({"model": name, "prompt": "hi", "max_tokens": 2, "gamma": "not a number"}).encode()
+        request = urllib.request.Request(url + "/v1/completions", data=body,
+                                         headers={"content-type": "application/json", **headers})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=30)
+        assert info.value.code == 401
+    after = scrape(url)
+    assert moved(before, after, "rlvrx:request_gamma_count", model_name=name, preset="extrapolated") == 0

@@ -21,6 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.datastructures import Headers
+from vllm import envs
+from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
 from server.api import metrics
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
@@ -80,12 +84,24 @@ class ExtrapolationMiddleware:
     def __init__(self, app):
         self.app = app
         self.stats: StatsTable | None = None
+        self.auth: AuthenticationMiddleware | None = None
+
+    def authorized(self, scope) -> bool:
+        """vLLM's own API-key check (this middleware sits outside it): a request it will
+        refuse passes through untouched, so it gets vLLM's 401, not our 400, and is not counted."""
+        args = scope["app"].state.args
+        tokens = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+        if not tokens:
+            return True
+        if self.auth is None:
+            self.auth = AuthenticationMiddleware(self.app, tokens=tokens)
+        return self.auth.verify_token(Headers(scope=scope))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ROUTES:
             return await self.app(scope, receive, send)
         config: ApiConfig | None = getattr(scope["app"].state.args, "rlvrx", None)
-        if config is None:
+        if config is None or not self.authorized(scope):
             return await self.app(scope, receive, send)
         body = await read_body(receive)
         try:
