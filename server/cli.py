@@ -43,6 +43,7 @@ def our_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tau", type=str, default=str(defaults.tau), help="default threshold τ; 'null' = always, '-inf' = never")
     serve.add_argument("--generator", default=defaults.generator, help="default proposer: base or rl")
     serve.add_argument("--candidates", type=int, default=defaults.candidates, help="default top-k of the extrapolated draw; 0 = all")
+    serve.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
     demo = sub.add_parser("demo", help="build the small demo pair (random weights) if it is not there")
     demo.add_argument("--out", default="models/demo")
     return parser
@@ -95,7 +96,8 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
 
     vocab_size = json.loads((Path(ours.rl) / "config.json").read_text())["vocab_size"]
     stats = StatsTable.create()
-    args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name)
+    args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name,
+                           protect_metrics=ours.protect_metrics)
     tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")
     print(f"rlvrx: serving {name} (extrapolated: gamma={defaults.gamma} tau={tau} generator={defaults.generator} "
           f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)

@@ -93,12 +93,19 @@ def test_metrics_move_by_what_responses_report(server):
 def test_requests_without_the_key_get_401_and_are_not_counted(live_server_inprocess):
     url, name, _ = live_server_inprocess
     before = scrape(url)
-    for headers in ({}, {"authorization": "Bearer wrong"}):
-        body = json.dumps({"model": name, "prompt": "hi", "max_tokens": 2, "gamma": "not a number"}).encode()
-        request = urllib.request.Request(url + "/v1/completions", data=body,
-                                         headers={"content-type": "application/json", **headers})
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(request, timeout=30)
-        assert info.value.code == 401
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize"):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {API_KEY}"}):
+            body = json.dumps({"model": name, "prompt": "hi", "max_tokens": 2, "gamma": "not a number"}).encode()
+            request = urllib.request.Request(url + path, data=body if path != "/v1/models" else None,
+                                             headers={"content-type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=30)
+            assert info.value.code == 401, path
+            error = json.loads(info.value.read())["error"]
+            assert error["type"] == "AuthenticationError" and "API key" in error["message"]
+    for path in ("/health", "/metrics"):  # open unless --protect-metrics
+        assert urllib.request.urlopen(url + path, timeout=30).status == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     after = scrape(url)
     assert moved(before, after, "rlvrx:request_gamma_count", model_name=name, preset="extrapolated") == 0

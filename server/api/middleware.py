@@ -42,10 +42,10 @@ class ApiConfig:
     vocab_size: int
     stats_path: str
     served_name: str
+    protect_metrics: bool = False  # /metrics needs the API key too
 
 
-def error_body(message: str, param: str | None, code: int = 400) -> bytes:
-    kind = "BadRequestError" if code == 400 else "Error"
+def error_body(message: str, param: str | None, code: int = 400, kind: str = "BadRequestError") -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
@@ -86,9 +86,14 @@ class ExtrapolationMiddleware:
         self.stats: StatsTable | None = None
         self.auth: AuthenticationMiddleware | None = None
 
-    def authorized(self, scope) -> bool:
-        """vLLM's own API-key check (this middleware sits outside it): a request it will
-        refuse passes through untouched, so it gets vLLM's 401, not our 400, and is not counted."""
+    def authorized(self, scope, config: ApiConfig) -> bool:
+        """The API-key check (vLLM's, reused) on every route but /health and /metrics (unless
+        --protect-metrics): a refused request gets an OpenAI-format 401 before anything else."""
+        if scope.get("method") == "OPTIONS":
+            return True
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if path == "/health" or (path.startswith("/metrics") and not config.protect_metrics):
+            return True
         args = scope["app"].state.args
         tokens = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
         if not tokens:
@@ -98,10 +103,15 @@ class ExtrapolationMiddleware:
         return self.auth.verify_token(Headers(scope=scope))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ROUTES:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         config: ApiConfig | None = getattr(scope["app"].state.args, "rlvrx", None)
-        if config is None or not self.authorized(scope):
+        if config is None:
+            return await self.app(scope, receive, send)
+        if not self.authorized(scope, config):
+            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            return await send_json(send, 401, error_body(message, None, 401, "AuthenticationError"))
+        if scope["method"] != "POST" or scope["path"] not in ROUTES:
             return await self.app(scope, receive, send)
         body = await read_body(receive)
         try:
