@@ -19,6 +19,7 @@ from server.engine import settings as settings_mod
 from server.engine.pair import PairError, engine_kwargs
 
 MIDDLEWARE = "server.api.middleware.ExtrapolationMiddleware"
+DEFAULT_SHUTDOWN_TIMEOUT = 120  # seconds
 
 
 def tau_arg(text: str) -> float:
@@ -44,6 +45,7 @@ def our_parser() -> argparse.ArgumentParser:
     serve.add_argument("--generator", default=defaults.generator, help="default proposer: base or rl")
     serve.add_argument("--candidates", type=int, default=defaults.candidates, help="default top-k of the extrapolated draw; 0 = all")
     serve.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
+    serve.add_argument("--max-n", type=int, default=256, help="most choices (n) one request may ask for")
     demo = sub.add_parser("demo", help="build the small demo pair (random weights) if it is not there")
     demo.add_argument("--out", default="models/demo")
     return parser
@@ -85,6 +87,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
 
     cli_env_setup()
     args = make_arg_parser(FlexibleArgumentParser(prog="rlvrx serve")).parse_args(vllm_argv)
+    if not any(a.startswith("--shutdown-timeout") for a in vllm_argv):
+        # Drain on SIGTERM: in-flight requests finish (vLLM's default, 0, aborts them and
+        # leaves their streams hanging).
+        args.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
     if args.api_server_count not in (None, 1):
         fail("--api-server-count must be 1: run more replicas behind a load balancer instead")
     for key, value in pair.items():
@@ -97,7 +103,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     vocab_size = json.loads((Path(ours.rl) / "config.json").read_text())["vocab_size"]
     stats = StatsTable.create()
     args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name,
-                           protect_metrics=ours.protect_metrics)
+                           protect_metrics=ours.protect_metrics, max_n=ours.max_n)
     tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")
     print(f"rlvrx: serving {name} (extrapolated: gamma={defaults.gamma} tau={tau} generator={defaults.generator} "
           f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)

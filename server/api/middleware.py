@@ -30,6 +30,7 @@ from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+EXTRAPOLATION_FIELDS = {*settings_mod.FIELDS, "extrapolation"}
 PRESET_SUFFIXES = {":rl": "rl", ":base": "base"}
 PRIVATE_PREFIX = "_rlvrx"
 
@@ -43,10 +44,37 @@ class ApiConfig:
     stats_path: str
     served_name: str
     protect_metrics: bool = False  # /metrics needs the API key too
+    max_n: int = 256  # most choices (`n`) one request may ask for
 
 
 def error_body(message: str, param: str | None, code: int = 400, kind: str = "BadRequestError") -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def known_fields(path: str) -> set[str]:
+    """The request fields vLLM's OpenAI server understands on `path`, plus ours."""
+    if path not in _KNOWN_FIELDS:
+        if path == "/v1/chat/completions":
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
+        else:
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
+        _KNOWN_FIELDS[path] = set(request_cls.model_fields) | EXTRAPOLATION_FIELDS
+    return _KNOWN_FIELDS[path]
+
+
+_KNOWN_FIELDS: dict[str, set[str]] = {}
+
+
+def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None:
+    """Refuse what vLLM would silently ignore or accept too generously (SettingsError → 400)."""
+    unknown = sorted(set(payload) - known_fields(path))
+    if unknown:
+        raise settings_mod.SettingsError(unknown[0], f"unknown field '{unknown[0]}'")
+    n = payload.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > config.max_n:
+        raise settings_mod.SettingsError("n", f"'n' must be at most {config.max_n}, got {n}")
+    if path == "/v1/chat/completions" and payload.get("messages") == []:
+        raise settings_mod.SettingsError("messages", "'messages' must contain at least one message")
 
 
 def request_settings(payload: dict[str, Any], config: ApiConfig) -> settings_mod.Extrapolation:
@@ -121,6 +149,7 @@ class ExtrapolationMiddleware:
         if not isinstance(payload, dict):  # let vLLM answer malformed bodies its own way
             return await self.app(scope, replay(body, receive), send)
         try:
+            check_request(payload, scope["path"], config)
             found = request_settings(payload, config)
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
