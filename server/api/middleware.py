@@ -70,6 +70,8 @@ def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None
     unknown = sorted(set(payload) - known_fields(path))
     if unknown:
         raise settings_mod.SettingsError(unknown[0], f"unknown field '{unknown[0]}'")
+    if payload.get("vllm_xargs") is not None and not isinstance(payload["vllm_xargs"], dict):
+        raise settings_mod.SettingsError("vllm_xargs", "'vllm_xargs' must be an object")
     n = payload.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > config.max_n:
         raise settings_mod.SettingsError("n", f"'n' must be at most {config.max_n}, got {n}")
@@ -90,8 +92,6 @@ def request_settings(payload: dict[str, Any], config: ApiConfig) -> settings_mod
             f"extrapolation.{unknown[0]}", f"unknown field 'extrapolation.{unknown[0]}'; known: {list(settings_mod.FIELDS)}"
         )
     xargs = payload.get("vllm_xargs") or {}
-    if not isinstance(xargs, dict):
-        return config.defaults  # vLLM rejects the malformed vllm_xargs itself
     values = {k: xargs[k] for k in (*settings_mod.FIELDS, "preset") if k in xargs}
     for field in settings_mod.FIELDS:
         if field in payload:
