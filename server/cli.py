@@ -56,6 +56,17 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.exit(2)
 
 
+def first_message(exc: Exception) -> str:
+    """One line from an exception: pydantic's first error message, else the first line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return str(errors()[0]["msg"]).removeprefix("Value error, ").splitlines()[0]
+        except (IndexError, KeyError, TypeError):
+            pass
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     # Before anything imports prometheus-client: the engine's metrics (server.engine.metrics)
     # reach /metrics through multiprocess mode, whether the engine runs in this process or not.
@@ -109,6 +120,8 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
           f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)
     try:
         uvloop.run(run_server(args))
+    except (ValueError, RuntimeError) as exc:  # vLLM's config checks (pydantic's ValidationError is a ValueError)
+        fail(f"vLLM refused to start: {first_message(exc)}")
     finally:
         stats.remove()
         if metrics_dir:

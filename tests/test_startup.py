@@ -11,13 +11,15 @@ from server.toy_pair import build_pair
 from tests.conftest import ROOT
 
 
-def serve_fails(rl, base, *extra):
+def serve_fails(rl, base, *extra, only_line=True):
     proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rlvrx: error: ") and "Traceback" not in proc.stderr
-    return lines[0]
+    assert lines[-1].startswith("rlvrx: error: ") and "Traceback" not in proc.stderr
+    if only_line:  # refused before vLLM starts: nothing else printed
+        assert len(lines) == 1
+    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +54,19 @@ def test_refuses_missing_path_and_bad_defaults(toy_pairs, tmp_path):
     assert "--generator" in serve_fails(rl, base, "--generator", "teacher")
     assert "--gamma" in serve_fails(rl, base, "--gamma", "50")
     assert "--tau" in serve_fails(rl, base, "--tau", "abc")
+
+
+def test_refuses_an_architecture_vllm_does_not_support(toy_pairs, tmp_path):
+    base, rl = toy_pairs["qwen2"]
+    for name, path in (("base", base), ("rl", rl)):
+        shutil.copytree(path, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config["architectures"] = ["MadeUpForCausalLM"]
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert "MadeUpForCausalLM is not supported" in serve_fails(tmp_path / "rl", tmp_path / "base", only_line=False)
+
+
+def test_vllm_config_errors_end_in_one_line(toy_pairs):
+    base, rl = toy_pairs["qwen2"]
+    line = serve_fails(rl, base, "--max-model-len", "4096", only_line=False)
+    assert "vLLM refused to start" in line and "max_model_len" in line
