@@ -84,6 +84,38 @@ def _search_step(lo, hi, acc, target, thr):
 
 
 @triton.jit
+def _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr, lse, target,
+               MODE: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, PASSES: tl.constexpr,
+               KEY_LO: tl.constexpr, KEY_HI: tl.constexpr):
+    """k-ary search for the smallest kept key: MODE 0 counts tokens of g (top-k, target k),
+    1 sums p_g = softmax(g/T), 2 sums p_x = softmax(e/T over S) (top-p, target top_p).
+    Returns t such that the kept set is {key >= t}."""
+    lanes = tl.arange(0, BLOCK)
+    j = (tl.arange(0, NB) + 1).to(tl.int64)
+    lo = KEY_LO + 0
+    hi = KEY_HI + 0
+    for _ in tl.static_range(PASSES):
+        thr = lo + ((hi - lo) * j) // (NB + 1)
+        acc = tl.zeros([NB], tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + lanes
+            valid, banned, delta, gs, g_key, e_s, e_all = _block(
+                rl_ptr, base_ptr, offs, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr)
+            if MODE == 0:
+                key = g_key
+                weight = valid.to(tl.float32)
+            elif MODE == 1:
+                key = _key(gs)
+                weight = tl.where(valid, tl.exp(gs - lse), 0.0)
+            else:
+                key = _key(e_s)
+                weight = tl.exp(e_s - lse)
+            acc += tl.sum(tl.where(key[:, None] >= thr[None, :], weight[:, None], 0.0), axis=0)
+        lo, hi = _search_step(lo, hi, acc, target, thr)
+    return hi - 1
+
+
+@triton.jit
 def _combine_kernel(
     rl_ptr, base_ptr, out_ptr, delta_ptr, prob_ptr,
     gamma_ptr, tau_ptr, use_base_ptr, cand_ptr, temp_ptr, top_p_ptr,
@@ -104,7 +136,6 @@ def _combine_kernel(
     greedy = temp < GREEDY_EPS
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
     lanes = tl.arange(0, BLOCK)
-    j = (tl.arange(0, NB) + 1).to(tl.int64)
 
     # Pass 1: log-sum-exp of both rows and of g/T; argmax of g (first index on ties).
     m_a = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -136,21 +167,8 @@ def _combine_kernel(
     # Top-k threshold of g: kept = key(g) >= k_thr (all tokens when k is 0 or >= V).
     k_thr = KEY_LO + 0
     if (k > 0) & (k < V):
-        lo = KEY_LO + 0
-        hi = KEY_HI + 0
-        target = k.to(tl.float32)
-        for _ in tl.static_range(PASSES):
-            thr = lo + ((hi - lo) * j) // (NB + 1)
-            acc = tl.zeros([NB], tl.float32)
-            for start in range(0, V, BLOCK):
-                offs = start + lanes
-                x_rl = tl.load(rl_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                x_b = tl.load(base_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                g = tl.where(use_base, x_b, x_rl)
-                hit = (_key(g)[:, None] >= thr[None, :]) & (offs < V)[:, None]
-                acc += tl.sum(hit.to(tl.float32), axis=0)
-            lo, hi = _search_step(lo, hi, acc, target, thr)
-        k_thr = hi - 1
+        k_thr = _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr, 0.0,
+                           k.to(tl.float32), 0, BLOCK, NB, PASSES, KEY_LO, KEY_HI)
 
     # Pass: log-sum-exp of e/T over S and over all tokens; whether S has a finite e.
     m_s = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -173,32 +191,10 @@ def _combine_kernel(
     g_thr = KEY_LO + 0
     x_thr = KEY_LO + 0
     if (temp >= GREEDY_EPS) & (top_p < 1.0):
-        lo = KEY_LO + 0
-        hi = KEY_HI + 0
-        for _ in tl.static_range(PASSES):
-            thr = lo + ((hi - lo) * j) // (NB + 1)
-            acc = tl.zeros([NB], tl.float32)
-            for start in range(0, V, BLOCK):
-                offs = start + lanes
-                valid, banned, delta, gs, g_key, e_s, e_all = _block(
-                    rl_ptr, base_ptr, offs, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr)
-                p = tl.where(valid, tl.exp(gs - lse_g), 0.0)
-                acc += tl.sum(tl.where(_key(gs)[:, None] >= thr[None, :], p[:, None], 0.0), axis=0)
-            lo, hi = _search_step(lo, hi, acc, top_p, thr)
-        g_thr = hi - 1
-        lo = KEY_LO + 0
-        hi = KEY_HI + 0
-        for _ in tl.static_range(PASSES):
-            thr = lo + ((hi - lo) * j) // (NB + 1)
-            acc = tl.zeros([NB], tl.float32)
-            for start in range(0, V, BLOCK):
-                offs = start + lanes
-                valid, banned, delta, gs, g_key, e_s, e_all = _block(
-                    rl_ptr, base_ptr, offs, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr)
-                p = tl.exp(e_s - lse_e)
-                acc += tl.sum(tl.where(_key(e_s)[:, None] >= thr[None, :], p[:, None], 0.0), axis=0)
-            lo, hi = _search_step(lo, hi, acc, top_p, thr)
-        x_thr = hi - 1
+        g_thr = _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr, lse_g, top_p,
+                           1, BLOCK, NB, PASSES, KEY_LO, KEY_HI)
+        x_thr = _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr, lse_e, top_p,
+                           2, BLOCK, NB, PASSES, KEY_LO, KEY_HI)
 
     # Pass: kept masses of p_g and p_x, and M (the mass of p_g on Δ <= τ).
     z_g = tl.zeros([BLOCK], tl.float32)
