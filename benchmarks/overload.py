@@ -26,32 +26,41 @@ MIXES = [
 ]
 
 
+def stream_completion(url: str, payload: dict, timeout: float = 600) -> dict:
+    """A streamed completion; returns {"text", "tokens", "finish_reason", "done"}."""
+    request = urllib.request.Request(url + "/v1/completions", headers={"content-type": "application/json"},
+                                     data=json.dumps({**payload, "stream": True,
+                                                      "stream_options": {"include_usage": True}}).encode())
+    text, finish, tokens, done = "", None, None, False
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for line in response:
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+            elif line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                for choice in event.get("choices") or []:
+                    text += choice.get("text") or ""
+                    finish = choice.get("finish_reason") or finish
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done}
+
+
 def one_request(url: str, model: str, index: int, max_tokens: int) -> tuple[float, str | None]:
     """Stream one completion; returns (seconds, error or None)."""
     mix = dict(MIXES[index % len(MIXES)])
     suffix = f":{mix.pop('preset')}" if "preset" in mix else ""
     body = {"model": model + suffix, "prompt": f"Request {index}: please count", "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-            "temperature": 1.0, "seed": index, **mix}
-    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
+            "ignore_eos": True, "temperature": 1.0, "seed": index, **mix}
     start = time.perf_counter()
     try:
-        tokens, done = None, False
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                line = line.strip()
-                if line == b"data: [DONE]":
-                    done = True
-                elif line.startswith(b"data: {"):
-                    event = json.loads(line[6:])
-                    if event.get("usage"):
-                        tokens = event["usage"]["completion_tokens"]
-        if not done or tokens != max_tokens:
-            return time.perf_counter() - start, f"incomplete: done={done} tokens={tokens}"
-        return time.perf_counter() - start, None
+        result = stream_completion(url, body)
     except Exception as exc:  # noqa: BLE001 - every failure is reported
         return time.perf_counter() - start, repr(exc)
+    if not result["done"] or result["tokens"] != max_tokens:
+        return time.perf_counter() - start, f"incomplete: {result}"
+    return time.perf_counter() - start, None
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from benchmarks.overload import stream_completion
 from tests.conftest import start_server
 
 HI = [{"role": "user", "content": "hi"}]
@@ -100,27 +101,6 @@ def test_dropped_streams_are_aborted_and_free_their_kv_blocks(live_server):
     assert scrape_value(url, "vllm:num_requests_running") == 0
     assert scrape_value(url, "vllm:kv_cache_usage_perc") == 0
     assert serves_normally(url)
-
-
-def stream_completion(url: str, payload: dict) -> dict:
-    """A streamed completion; returns {"text", "tokens", "finish_reason", "done"}."""
-    request = urllib.request.Request(url + "/v1/completions", headers={"content-type": "application/json"},
-                                     data=json.dumps({**payload, "stream": True,
-                                                      "stream_options": {"include_usage": True}}).encode())
-    text, finish, tokens, done = "", None, None, False
-    with urllib.request.urlopen(request, timeout=300) as response:
-        for line in response:
-            line = line.strip()
-            if line == b"data: [DONE]":
-                done = True
-            elif line.startswith(b"data: "):
-                event = json.loads(line[6:])
-                for choice in event.get("choices") or []:
-                    text += choice.get("text") or ""
-                    finish = choice.get("finish_reason") or finish
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done}
 
 
 def test_overload_of_mixed_streams_completes_every_request(live_server):
