@@ -1,4 +1,5 @@
-"""Command line: `rlvrx serve` (the OpenAI server for a pair) and `rlvrx demo` (build a pair).
+"""Command line: `rlvrx serve` (the OpenAI server for a pair), `rlvrx eval` (accuracy of an
+endpoint), `rlvrx demo` (build a pair).
 
 `rlvrx serve --rl PATH --base PATH [--gamma G --tau T --generator base|rl --candidates K]
 [any vLLM serve flag]` checks the pair, then starts vLLM's OpenAI server with the
@@ -48,6 +49,25 @@ def our_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-n", type=int, default=256, help="most choices (n) one request may ask for")
     demo = sub.add_parser("demo", help="build the small demo pair (random weights) if it is not there")
     demo.add_argument("--out", default="models/demo")
+    ev = sub.add_parser("eval", help="accuracy of an OpenAI-compatible endpoint on {problem, answer} JSONL")
+    ev.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the OpenAI API")
+    ev.add_argument("--api-key", default="unused")
+    ev.add_argument("--model", required=True, help="served name; presets are sent as <model>:rl / <model>:base")
+    ev.add_argument("--data", required=True, help="JSONL with 'problem' and 'answer' (and optionally 'id')")
+    ev.add_argument("--n", type=int, default=8, help="samples per problem")
+    ev.add_argument("--k", default="1", help="comma-separated k of pass@k")
+    ev.add_argument("--gamma", default="0.05", help="comma-separated γ values (a grid with --tau)")
+    ev.add_argument("--tau", default="-0.3", help="comma-separated τ values; 'null' = always extrapolate")
+    ev.add_argument("--generator", default="base")
+    ev.add_argument("--candidates", type=int, default=50)
+    ev.add_argument("--presets", default="rl,base", help="comma-separated presets to include ('' for none)")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-p", type=float, default=0.7)
+    ev.add_argument("--max-tokens", type=int, default=2048)
+    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--concurrency", type=int, default=16)
+    ev.add_argument("--out", default="eval/results.jsonl", help="results JSONL (appended; reruns resume)")
+    ev.add_argument("--plot", default=None, help="PNG of accuracy against γ per τ (default: next to --out)")
     return parser
 
 
@@ -139,13 +159,42 @@ def demo(ours: argparse.Namespace) -> None:
     print(f"rlvrx: built demo pair: base={base} rl={rl}", file=sys.stderr)
 
 
+def evaluate(ours: argparse.Namespace) -> None:
+    import openai
+
+    from server import evaluation
+
+    try:
+        gammas = [float(g) for g in ours.gamma.split(",")]
+        taus = [None if t.strip().lower() in ("null", "none") else float(t) for t in ours.tau.split(",")]
+        ks = [int(k) for k in ours.k.split(",")]
+        problems = evaluation.load_problems(ours.data)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    presets = [p for p in ours.presets.split(",") if p]
+    settings = evaluation.grid(gammas, taus, ours.generator, ours.candidates, presets)
+    sampling = {"temperature": ours.temperature, "top_p": ours.top_p, "max_tokens": ours.max_tokens}
+    if ours.seed is not None:
+        sampling["seed"] = ours.seed
+    client = openai.OpenAI(base_url=ours.url, api_key=ours.api_key, max_retries=3, timeout=3600)
+    results = Path(ours.out)
+    evaluation.run(client, ours.model, problems, settings, ours.n, sampling, results, ours.concurrency)
+    rows = evaluation.summarize(results, ks)
+    print(evaluation.format_table(rows, ks))
+    results.with_suffix(".summary.json").write_text(json.dumps(rows, indent=2))
+    evaluation.plot(rows, Path(ours.plot) if ours.plot else results.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     ours, rest = our_parser().parse_known_args(argv)
     if ours.command == "serve":
         serve(ours, rest)
+        return
+    if rest:
+        fail(f"unknown arguments: {' '.join(rest)}")
+    if ours.command == "eval":
+        evaluate(ours)
     else:
-        if rest:
-            fail(f"unknown arguments: {' '.join(rest)}")
         demo(ours)
 
 

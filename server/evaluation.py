@@ -1,0 +1,198 @@
+"""`rlvrx eval`: accuracy of any OpenAI-compatible endpoint on {problem, answer} JSONL.
+
+Prompts as the paper does (the problem, then "Please reason step by step, and put your
+final answer within \\boxed{}."), samples `n` answers per problem, scores the last
+`\\boxed{}` with math-verify, and reports avg@n and unbiased pass@k per setting. Settings
+are a grid over γ × τ (with the request's generator and candidates) plus presets sent as
+model-name suffixes (`:rl`, `:base`) for reference. Each finished (setting, problem) is
+appended to a JSONL at once, so an interrupted run resumes where it stopped.
+"""
+
+import json
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of decoding: a preset (`rl`, `base`) or extrapolation with these fields."""
+
+    preset: str = "extrapolate"
+    gamma: float | None = None
+    tau: float | None = None  # None: +inf (always extrapolate)
+    generator: str | None = None
+    candidates: int | None = None
+
+    @property
+    def key(self) -> str:
+        if self.preset != "extrapolate":
+            return self.preset
+        tau = "null" if self.tau is None else f"{self.tau:g}"
+        return f"gamma={self.gamma:g},tau={tau},generator={self.generator},candidates={self.candidates}"
+
+    def request_fields(self, model: str) -> tuple[str, dict]:
+        if self.preset != "extrapolate":
+            return f"{model}:{self.preset}", {}
+        return model, {"gamma": self.gamma, "tau": self.tau, "generator": self.generator,
+                       "candidates": self.candidates}
+
+
+def grid(gammas: Iterable[float], taus: Iterable[float | None], generator: str, candidates: int,
+         presets: Iterable[str]) -> list[Setting]:
+    settings = [Setting(preset=p) for p in presets]
+    settings += [Setting(gamma=g, tau=t, generator=generator, candidates=candidates) for t in taus for g in gammas]
+    return settings
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """math-verify on the last \\boxed{} of the response against the reference answer."""
+    from math_verify import parse, verify
+
+    boxed = last_boxed(response)
+    if boxed is None:
+        return False
+    try:
+        return bool(verify(parse(f"${answer}$"), parse(f"${boxed}$")))
+    except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer
+        return False
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def load_problems(path: str) -> list[dict]:
+    problems = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            item = json.loads(line)
+            if "problem" not in item or "answer" not in item:
+                raise ValueError(f"{path}:{line_no}: each line needs 'problem' and 'answer'")
+            problems.append({"id": item.get("id", line_no - 1), "problem": item["problem"], "answer": str(item["answer"])})
+    return problems
+
+
+def load_done(results_path: Path) -> set[tuple[str, str]]:
+    if not results_path.exists():
+        return set()
+    return {(r["setting"], str(r["problem_id"])) for r in map(json.loads, results_path.read_text().splitlines()) if r}
+
+
+def sample(client, model: str, setting: Setting, problem: dict, n: int, sampling: dict) -> dict:
+    """n answers to one problem under one setting, with the server's extrapolation counts."""
+    name, fields = setting.request_fields(model)
+    response = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": problem["problem"] + PROMPT_SUFFIX}], n=n,
+        extra_body=fields, **sampling,
+    )
+    usage = response.usage.model_extra or {}
+    return {
+        "setting": setting.key, "setting_fields": asdict(setting), "problem_id": str(problem["id"]),
+        "answer": problem["answer"], "responses": [c.message.content or "" for c in response.choices],
+        "completion_tokens": response.usage.completion_tokens,
+        "extrapolated_tokens": usage.get("extrapolated_tokens", 0.0),
+    }
+
+
+def run(client, model: str, problems: list[dict], settings: list[Setting], n: int, sampling: dict,
+        results_path: Path, concurrency: int, progress: bool = True) -> None:
+    """Sample every (setting, problem) not yet in `results_path`, appending as they finish."""
+    from tqdm import tqdm
+
+    done = load_done(results_path)
+    todo = [(s, p) for s in settings for p in problems if (s.key, str(p["id"])) not in done]
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(concurrency) as pool, results_path.open("a") as out, \
+            tqdm(total=len(todo), disable=not progress, desc="eval") as bar:
+        futures = [pool.submit(sample, client, model, s, p, n, sampling) for s, p in todo]
+        for future in as_completed(futures):
+            record = future.result()
+            record["correct"] = [is_correct(r, record["answer"]) for r in record["responses"]]
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            bar.update()
+
+
+def summarize(results_path: Path, ks: list[int]) -> list[dict]:
+    """Per setting: avg@n, pass@k, extrapolation rate, problems."""
+    by_setting: dict[str, list[dict]] = {}
+    for line in results_path.read_text().splitlines():
+        if line:
+            record = json.loads(line)
+            by_setting.setdefault(record["setting"], []).append(record)
+    rows = []
+    for key, records in by_setting.items():
+        row = {"setting": key, **records[0]["setting_fields"], "problems": len(records),
+               "avg@n": sum(sum(r["correct"]) / len(r["correct"]) for r in records) / len(records)}
+        for k in ks:
+            usable = [r for r in records if len(r["correct"]) >= k]
+            row[f"pass@{k}"] = (sum(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in usable) / len(usable)
+                                if usable else None)
+        tokens = sum(r["completion_tokens"] for r in records)
+        row["extrapolation_rate"] = sum(r["extrapolated_tokens"] for r in records) / tokens if tokens else 0.0
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], ks: list[int]) -> str:
+    header = f"{'setting':<60} {'problems':>8} {'avg@n':>7} " + " ".join(f"{'pass@' + str(k):>7}" for k in ks) + \
+             f" {'extrap':>7}"
+    lines = [header]
+    for row in rows:
+        passes = " ".join(f"{row[f'pass@{k}']:>7.3f}" if row[f"pass@{k}"] is not None else f"{'-':>7}" for k in ks)
+        lines.append(f"{row['setting']:<60} {row['problems']:>8} {row['avg@n']:>7.3f} {passes} "
+                     f"{row['extrapolation_rate']:>7.3f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy (avg@n) against γ, one line per τ; the presets as horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["preset"] == "extrapolate":
+            tau = "null" if row["tau"] is None else f"{row['tau']:g}"
+            curves.setdefault(tau, []).append((row["gamma"], row["avg@n"]))
+    for tau, points in sorted(curves.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"τ = {tau}")
+    for row in rows:
+        if row["preset"] != "extrapolate":
+            ax.axhline(row["avg@n"], linestyle="--", color="gray" if row["preset"] == "base" else "black",
+                       label=f"{row['preset']} alone")
+    ax.set_xlabel("γ")
+    ax.set_ylabel("avg@n accuracy")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
