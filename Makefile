@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU build of vLLM unless an NVIDIA GPU is visible.
 TARGET := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-DEMO_DIR := models/demo
+# The demo pair ships in the repository (demo/pair, ~6 MB); `make demo` retrains it into models/demo.
+DEMO_DIR := demo/pair
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -32,11 +33,12 @@ endif
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m server.cli demo --out $(DEMO_DIR)
+	$(PY) -m server.cli demo --out models/demo
 
-serve: demo
+serve: install
+	test -f $(DEMO_DIR)/rl/config.json || $(PY) -m server.cli demo --out $(DEMO_DIR)
 	$(PY) -m server.cli serve --rl $(DEMO_DIR)/rl --base $(DEMO_DIR)/base \
-		--served-model-name demo --host $(HOST) --port $(PORT)
+		--served-model-name demo --dtype float32 --host $(HOST) --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q tests

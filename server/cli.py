@@ -47,8 +47,10 @@ def our_parser() -> argparse.ArgumentParser:
     serve.add_argument("--candidates", type=int, default=defaults.candidates, help="default top-k of the extrapolated draw; 0 = all")
     serve.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
     serve.add_argument("--max-n", type=int, default=256, help="most choices (n) one request may ask for")
-    demo = sub.add_parser("demo", help="build the small demo pair (random weights) if it is not there")
+    demo = sub.add_parser("demo", help="train the demo pair (3-digit addition: SFT base, GRPO child)")
     demo.add_argument("--out", default="models/demo")
+    demo.add_argument("--alpha", type=float, default=0.0, help="training-time reweighting α (0: plain GRPO)")
+    demo.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (default: the trainer's)")
     ev = sub.add_parser("eval", help="accuracy of an OpenAI-compatible endpoint on {problem, answer} JSONL")
     ev.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the OpenAI API")
     ev.add_argument("--api-key", default="unused")
@@ -66,6 +68,9 @@ def our_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=2048)
     ev.add_argument("--seed", type=int, default=None)
     ev.add_argument("--concurrency", type=int, default=16)
+    ev.add_argument("--prompt-suffix", default=None, help="appended to each problem (default: the paper's)")
+    ev.add_argument("--scoring", choices=("boxed", "exact"), default="boxed",
+                    help="boxed: math-verify on the last \\boxed{}; exact: the whole answer")
     ev.add_argument("--out", default="eval/results.jsonl", help="results JSONL (appended; reruns resume)")
     ev.add_argument("--plot", default=None, help="PNG of accuracy against γ per τ (default: next to --out)")
     return parser
@@ -149,14 +154,15 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
 
 
 def demo(ours: argparse.Namespace) -> None:
-    from server.toy_pair import build_pair
+    from dataclasses import replace
 
-    out = Path(ours.out)
-    if (out / "rl" / "config.json").is_file() and (out / "base" / "config.json").is_file():
-        print(f"rlvrx: demo pair already in {out}", file=sys.stderr)
-        return
-    base, rl = build_pair(out, family="qwen2", hidden=128, layers=2, rl_noise=0.03)
-    print(f"rlvrx: built demo pair: base={base} rl={rl}", file=sys.stderr)
+    from server.arith_pair import TrainConfig, train_pair
+
+    cfg = replace(TrainConfig(), alpha=ours.alpha)
+    if ours.rl_steps is not None:
+        cfg = replace(cfg, rl_steps=ours.rl_steps)
+    base, rl = train_pair(ours.out, cfg, log=lambda line: print(f"rlvrx demo: {line}", file=sys.stderr, flush=True))
+    print(f"rlvrx: trained demo pair: base={base} rl={rl}", file=sys.stderr)
 
 
 def evaluate(ours: argparse.Namespace) -> None:
@@ -178,7 +184,9 @@ def evaluate(ours: argparse.Namespace) -> None:
         sampling["seed"] = ours.seed
     client = openai.OpenAI(base_url=ours.url, api_key=ours.api_key, max_retries=3, timeout=3600)
     results = Path(ours.out)
-    evaluation.run(client, ours.model, problems, settings, ours.n, sampling, results, ours.concurrency)
+    suffix = evaluation.PROMPT_SUFFIX if ours.prompt_suffix is None else ours.prompt_suffix
+    evaluation.run(client, ours.model, problems, settings, ours.n, sampling, results, ours.concurrency,
+                   suffix=suffix, scoring=ours.scoring)
     rows = evaluation.summarize(results, ks)
     print(evaluation.format_table(rows, ks))
     results.with_suffix(".summary.json").write_text(json.dumps(rows, indent=2))

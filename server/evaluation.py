@@ -65,8 +65,11 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def is_correct(response: str, answer: str) -> bool:
-    """math-verify on the last \\boxed{} of the response against the reference answer."""
+def is_correct(response: str, answer: str, scoring: str = "boxed") -> bool:
+    """`boxed`: math-verify on the last \\boxed{} of the response against the reference
+    answer; `exact`: the stripped response equals the answer."""
+    if scoring == "exact":
+        return response.strip() == answer.strip()
     from math_verify import parse, verify
 
     boxed = last_boxed(response)
@@ -102,11 +105,11 @@ def load_done(results_path: Path) -> set[tuple[str, str]]:
     return {(r["setting"], str(r["problem_id"])) for r in map(json.loads, results_path.read_text().splitlines()) if r}
 
 
-def sample(client, model: str, setting: Setting, problem: dict, n: int, sampling: dict) -> dict:
+def sample(client, model: str, setting: Setting, problem: dict, n: int, sampling: dict, suffix: str) -> dict:
     """n answers to one problem under one setting, with the server's extrapolation counts."""
     name, fields = setting.request_fields(model)
     response = client.chat.completions.create(
-        model=name, messages=[{"role": "user", "content": problem["problem"] + PROMPT_SUFFIX}], n=n,
+        model=name, messages=[{"role": "user", "content": problem["problem"] + suffix}], n=n,
         extra_body=fields, **sampling,
     )
     usage = response.usage.model_extra or {}
@@ -119,7 +122,8 @@ def sample(client, model: str, setting: Setting, problem: dict, n: int, sampling
 
 
 def run(client, model: str, problems: list[dict], settings: list[Setting], n: int, sampling: dict,
-        results_path: Path, concurrency: int, progress: bool = True) -> None:
+        results_path: Path, concurrency: int, suffix: str = PROMPT_SUFFIX, scoring: str = "boxed",
+        progress: bool = True) -> None:
     """Sample every (setting, problem) not yet in `results_path`, appending as they finish."""
     from tqdm import tqdm
 
@@ -128,10 +132,10 @@ def run(client, model: str, problems: list[dict], settings: list[Setting], n: in
     results_path.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(concurrency) as pool, results_path.open("a") as out, \
             tqdm(total=len(todo), disable=not progress, desc="eval") as bar:
-        futures = [pool.submit(sample, client, model, s, p, n, sampling) for s, p in todo]
+        futures = [pool.submit(sample, client, model, s, p, n, sampling, suffix) for s, p in todo]
         for future in as_completed(futures):
             record = future.result()
-            record["correct"] = [is_correct(r, record["answer"]) for r in record["responses"]]
+            record["correct"] = [is_correct(r, record["answer"], scoring) for r in record["responses"]]
             out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update()

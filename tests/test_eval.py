@@ -28,6 +28,11 @@ def test_is_correct_uses_math_verify_on_the_last_box(response, answer, expected)
     assert evaluation.is_correct(response, answer) is expected
 
 
+def test_exact_scoring_compares_the_whole_answer():
+    assert evaluation.is_correct(" 9750 ", "9750", "exact")
+    assert not evaluation.is_correct("9751", "9750", "exact")
+
+
 def test_pass_at_k_is_the_unbiased_estimator():
     """Against brute force: the fraction of k-subsets of the n samples with a correct one."""
     for n, c, k in [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 1, 6), (8, 3, 2)]:
