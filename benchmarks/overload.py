@@ -27,11 +27,13 @@ MIXES = [
 
 
 def stream_completion(url: str, payload: dict, timeout: float = 600) -> dict:
-    """A streamed completion; returns {"text", "tokens", "finish_reason", "done"}."""
+    """A streamed completion; returns {"text", "tokens", "finish_reason", "done", "times"}, where
+    `times` are the seconds from sending to each chunk that carried text."""
     request = urllib.request.Request(url + "/v1/completions", headers={"content-type": "application/json"},
                                      data=json.dumps({**payload, "stream": True,
                                                       "stream_options": {"include_usage": True}}).encode())
-    text, finish, tokens, done = "", None, None, False
+    text, finish, tokens, done, times = "", None, None, False, []
+    start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
             line = line.strip()
@@ -40,11 +42,13 @@ def stream_completion(url: str, payload: dict, timeout: float = 600) -> dict:
             elif line.startswith(b"data: {"):
                 event = json.loads(line[6:])
                 for choice in event.get("choices") or []:
+                    if choice.get("text"):
+                        times.append(time.perf_counter() - start)
                     text += choice.get("text") or ""
                     finish = choice.get("finish_reason") or finish
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done}
+    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done, "times": times}
 
 
 def one_request(url: str, model: str, index: int, max_tokens: int) -> tuple[float, str | None]:
