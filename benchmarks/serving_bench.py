@@ -129,13 +129,14 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     logs = Path(args.out).parent
     logs.mkdir(parents=True, exist_ok=True)
-    common = ["--port", str(args.port), "--host", "127.0.0.1", "--dtype", args.dtype, "--max-model-len", "512",
+    common = ["--port", str(args.port), "--host", "127.0.0.1", "--dtype", args.dtype,
               "--served-model-name", "m", "--seed", "0"]
     rows = []
 
     proc = start([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl, "--base", args.base, *common],
                  args.port, logs / "rlvrx.log")
     try:
+        drive_http(url, "m", PAPER, texts[:4], 4, args.max_tokens)  # warm-up, not recorded
         for c in levels:
             rows.append({"system": "rlvrx", "concurrency": c, **drive_http(url, "m", PAPER, texts, c, args.max_tokens)})
             rows.append({"system": "rlvrx:rl", "concurrency": c,
@@ -145,6 +146,7 @@ def main() -> None:
     proc = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl,
                   "--logprobs-mode", "processed_logprobs", *common], args.port, logs / "vllm.log")
     try:
+        drive_http(url, "m", {}, texts[:4], 4, args.max_tokens)  # warm-up, not recorded
         for c in levels:
             rows.append({"system": "vllm-rl", "concurrency": c, **drive_http(url, "m", {}, texts, c, args.max_tokens)})
     finally:
@@ -154,9 +156,10 @@ def main() -> None:
 
     from benchmarks.baselines.paper_two_engines import TwoEngineBaseline
 
-    baseline = TwoEngineBaseline(args.rl, args.base, dtype=args.dtype, max_model_len=512, seed=0,
+    baseline = TwoEngineBaseline(args.rl, args.base, dtype=args.dtype, seed=0, gpu_memory_utilization=0.3,
                                  enable_prefix_caching=True)
     tokenizer = AutoTokenizer.from_pretrained(args.rl)
+    drive_two_engines(baseline, tokenizer, texts[:4], 4, 4)  # warm-up, not recorded
     for c in levels:
         rows.append({"system": "paper-2engines", "concurrency": c,
                      **drive_two_engines(baseline, tokenizer, texts, c, args.max_tokens)})

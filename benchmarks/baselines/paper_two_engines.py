@@ -37,8 +37,8 @@ class TwoEngineBaseline:
     def __init__(self, rl_path: str, base_path: str, **engine_kwargs):
         from vllm import LLM
 
-        self.rl = LLM(model=rl_path, **engine_kwargs)
-        self.base = LLM(model=base_path, **engine_kwargs)
+        self.rl = LLM(model=rl_path, max_logprobs=TOP, **engine_kwargs)
+        self.base = LLM(model=base_path, max_logprobs=TOP, **engine_kwargs)
 
     def run(self, prompts: list[list[int]], max_tokens: int, gamma: float, tau: float, temperature: float,
             seed: int) -> list[dict]:
