@@ -135,6 +135,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     args.served_model_name = [name, f"{name}:rl", f"{name}:base"]
     args.middleware = [*args.middleware, MIDDLEWARE]
     validate_parsed_serve_args(args)
+    settings_mod.set_server_defaults(defaults)
 
     vocab_size = json.loads((Path(ours.rl) / "config.json").read_text())["vocab_size"]
     stats = StatsTable.create()

@@ -61,9 +61,10 @@ class BatchPlan:
     ext_states: list[RowState]  # the states of ext_rows, in that order
 
 
-def read_settings(params: SamplingParams) -> settings_mod.Extrapolation:
+def read_settings(params: SamplingParams, defaults: settings_mod.Extrapolation = settings_mod.Extrapolation()
+                  ) -> settings_mod.Extrapolation:
     try:
-        return settings_mod.parse(params.extra_args)
+        return settings_mod.parse(params.extra_args, defaults)
     except settings_mod.SettingsError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.field, value=(params.extra_args or {}).get(exc.field)) from None
 
@@ -76,14 +77,17 @@ def edits_logits(params: SamplingParams) -> bool:
 class ExtrapolationLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
-        """Check the settings; for extrapolating requests, take over temperature and top-p."""
-        found = read_settings(params)
-        args = params.extra_args or {}
+        """Check the settings and write them out in full (missing fields take the server's
+        defaults), so the engine process needs no defaults; for extrapolating requests, take
+        over temperature and top-p."""
+        found = read_settings(params, settings_mod.server_defaults())
+        args = {**(params.extra_args or {}), **found.as_xargs()}
         if found.passthrough is None and TEMPERATURE_KEY not in args:
-            params.extra_args = {**args, TEMPERATURE_KEY: params.temperature, TOP_P_KEY: params.top_p}
+            args.update({TEMPERATURE_KEY: params.temperature, TOP_P_KEY: params.top_p})
             if params.temperature >= GREEDY_EPS:
                 params.temperature = 1.0
             params.top_p = 1.0
+        params.extra_args = args
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
         self.device = device

@@ -116,6 +116,21 @@ def parse_preset(value: Any) -> str:
     return value
 
 
+_server_defaults = Extrapolation()
+
+
+def set_server_defaults(defaults: Extrapolation) -> None:
+    """Set once by `rlvrx serve` (in the API server's process, where requests are admitted):
+    the defaults for requests that reach the engine without the HTTP layer's fields, such
+    as the other generation endpoints or raw `vllm_xargs`."""
+    global _server_defaults
+    _server_defaults = defaults
+
+
+def server_defaults() -> Extrapolation:
+    return _server_defaults
+
+
 _PARSERS = {"gamma": parse_gamma, "tau": parse_tau, "generator": parse_generator,
             "candidates": parse_candidates, "preset": parse_preset}
 
