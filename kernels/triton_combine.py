@@ -92,8 +92,8 @@ def _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr,
     Returns t such that the kept set is {key >= t}."""
     lanes = tl.arange(0, BLOCK)
     j = (tl.arange(0, NB) + 1).to(tl.int64)
-    lo = KEY_LO + 0
-    hi = KEY_HI + 0
+    lo = tl.full([], KEY_LO, tl.int64)
+    hi = tl.full([], KEY_HI, tl.int64)
     for _ in tl.static_range(PASSES):
         thr = lo + ((hi - lo) * j) // (NB + 1)
         acc = tl.zeros([NB], tl.float32)
@@ -165,7 +165,7 @@ def _combine_kernel(
     y0 = tl.min(tl.where(best == g_max, best_i, 2**62), axis=0)
 
     # Top-k threshold of g: kept = key(g) >= k_thr (all tokens when k is 0 or >= V).
-    k_thr = KEY_LO + 0
+    k_thr = tl.full([], KEY_LO, tl.int64)
     if (k > 0) & (k < V):
         k_thr = _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr, 0.0,
                            k.to(tl.float32), 0, BLOCK, NB, PASSES, KEY_LO, KEY_HI)
@@ -182,14 +182,14 @@ def _combine_kernel(
         m_s, s_s = _lse_merge(m_s, s_s, e_s)
         m_all, s_all = _lse_merge(m_all, s_all, e_all)
     if tl.max(m_s, axis=0) == float("-inf"):  # no candidate survives: widen S to all tokens
-        k_thr = KEY_LO + 0
+        k_thr = tl.full([], KEY_LO, tl.int64)
         lse_e = _lse_final(m_all, s_all)
     else:
         lse_e = _lse_final(m_s, s_s)
 
     # Top-p thresholds of p_g = softmax(g/T) and p_x = softmax(e/T over S).
-    g_thr = KEY_LO + 0
-    x_thr = KEY_LO + 0
+    g_thr = tl.full([], KEY_LO, tl.int64)
+    x_thr = tl.full([], KEY_LO, tl.int64)
     if (temp >= GREEDY_EPS) & (top_p < 1.0):
         g_thr = _threshold(rl_ptr, base_ptr, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr, lse_g, top_p,
                            1, BLOCK, NB, PASSES, KEY_LO, KEY_HI)
