@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# Triton's interpreter is chosen when Triton is first imported (its own jit helpers, tl.zeros
+# among them, are decorated then) and must stay chosen in this process: tests/test_triton.py
+# runs the fused kernel on CPU tensors through it. Engines and servers started by the tests
+# run without it (child_env).
+os.environ["TRITON_INTERPRET"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"  # the in-process server's key; clients of both servers send it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,11 +56,17 @@ def run_engine(spec: dict, tmp_path: Path) -> list:
     spec_file.write_text(json.dumps(spec, default=str))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "engine_runner.py"), str(spec_file)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900,
     )
     if proc.returncode != 0:
         raise AssertionError(f"engine runner failed:\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that runs vLLM: ours, less the Triton interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, **extra}
 
 
 def free_port() -> int:
@@ -73,7 +85,7 @@ def start_server(pair, log_path: Path, extra_env: dict | None = None, extra_args
     base, rl = pair
     port = free_port()
     log = log_path.open("w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(extra_env or {})}
+    env = child_env(VLLM_CPU_KVCACHE_SPACE="1", **(extra_env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base),
          "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",

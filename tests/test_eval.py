@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from server import evaluation
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_env
 
 
 def test_last_boxed_takes_the_last_balanced_box():
@@ -49,7 +49,7 @@ def test_eval_runs_resumes_and_reports(live_server, tmp_path):
     command = [sys.executable, "-m", "server.cli", "eval", "--url", url + "/v1", "--model", name, "--data", str(data),
                "--n", "2", "--k", "1,2", "--gamma", "0,0.5", "--tau=-0.3,null", "--max-tokens", "8",
                "--seed", "1", "--concurrency", "4", "--out", str(out)]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 * (2 * 2 + 2)  # problems × (γ×τ grid + rl + base)
@@ -64,5 +64,5 @@ def test_eval_runs_resumes_and_reports(live_server, tmp_path):
     assert "avg@n" in first.stdout
 
     before = out.read_text()
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and out.read_text() == before  # resumed: nothing left to sample

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from server.toy_pair import build_pair
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_env
 
 
 def serve_fails(rl, base, *extra, only_line=True):
     proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("rlvrx: error: ") and "Traceback" not in proc.stderr

@@ -2,18 +2,15 @@
 reference and against the PyTorch path. Shapes are small: the interpreter is slow."""
 
 import math
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels import reference as ref  # noqa: E402
-from kernels import rule  # noqa: E402
-from kernels import triton_combine  # noqa: E402
-from tests.test_rule import random_pair, to_row_settings  # noqa: E402
+from kernels import reference as ref
+from kernels import rule
+from kernels import triton_combine  # interpreted: tests/conftest.py sets TRITON_INTERPRET=1
+from tests.test_rule import random_pair, to_row_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 VOCAB = 301  # not a multiple of the block
