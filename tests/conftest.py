@@ -41,6 +41,16 @@ def hf_models(toy_pairs):
     }
 
 
+def ref_settings(gamma, tau, generator, candidates, temperature=0.0, top_p=1.0):
+    """The float64 reference's settings for request values (τ = None means +inf)."""
+    import math
+
+    from kernels import reference
+
+    return reference.Settings(gamma=gamma, tau=math.inf if tau is None else tau, generator=generator,
+                              candidates=candidates, temperature=temperature, top_p=top_p)
+
+
 def next_logits(models, ids):
     """Float64 next-token logits of (rl, base) after the token ids `ids`."""
     import torch

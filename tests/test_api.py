@@ -5,12 +5,11 @@ import math
 import urllib.error
 import urllib.request
 
-import numpy as np
 import openai
 import pytest
 
 from kernels import reference as ref
-from tests.conftest import next_logits
+from tests.conftest import next_logits, ref_settings as settings
 
 PROMPT_IDS = [312, 345, 14, 273, 287, 344, 3, 223]
 
@@ -19,11 +18,6 @@ PROMPT_IDS = [312, 345, 14, 273, 287, 344, 3, 223]
 def client(live_server):
     url, _, _ = live_server
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def settings(gamma, tau, generator, candidates, temperature=0.0, top_p=1.0):
-    return ref.Settings(gamma=gamma, tau=math.inf if tau is None else tau, generator=generator,
-                        candidates=candidates, temperature=temperature, top_p=top_p)
 
 
 def complete_ids(client, model="toy", max_tokens=10, **extra):

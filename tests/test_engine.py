@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import reference as ref
-from tests.conftest import next_logits, run_engine
+from tests.conftest import next_logits, ref_settings as settings, run_engine
 
 MAX_TOKENS = 10
 rng = np.random.default_rng(2026)
@@ -31,11 +31,6 @@ SAMPLED = [  # (gamma, tau, generator, candidates, temperature, top_p, seed)
 
 def xargs(gamma, tau, generator, candidates):
     return {"gamma": gamma, "tau": tau, "generator": generator, "candidates": candidates}
-
-
-def settings(gamma, tau, generator, candidates, temperature=0.0, top_p=1.0):
-    return ref.Settings(gamma=gamma, tau=math.inf if tau is None else tau, generator=generator,
-                        candidates=candidates, temperature=temperature, top_p=top_p)
 
 
 def greedy(extra=None, **kw):
