@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from server.engine import settings as settings_mod
 from server.engine.pair import PairError, engine_kwargs
@@ -76,7 +77,7 @@ def our_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"rlvrx: error: {message}", file=sys.stderr)
     sys.exit(2)
 
