@@ -17,6 +17,7 @@ class Settings:
     candidates: int  # 0 = whole vocabulary
     temperature: float  # 0 = greedy
     top_p: float
+    selection: str = "delta_logp"  # or "entropy" (H(softmax(gen)) ≥ τ), "random" (probability τ)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -55,6 +56,17 @@ def parts(rl_logits, base_logits, s: Settings):
     return delta, gen, e
 
 
+def flag_probability(delta: np.ndarray, gen: np.ndarray, y0: int, s: Settings) -> float:
+    """Probability that the position of proposal y0 is extrapolated, under s.selection."""
+    if s.selection == "delta_logp":
+        return float(delta[y0] <= s.tau)
+    if s.selection == "entropy":
+        p = softmax(gen)
+        entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+        return float(entropy >= s.tau)
+    return min(max(s.tau, 0.0), 1.0)  # random: a coin of probability τ
+
+
 def two_stage_distribution(rl_logits, base_logits, s: Settings) -> np.ndarray:
     """The distribution of the emitted token under the two-stage rule (sampled rows),
     obtained by summing over the proposal y0 — not from the closed form."""
@@ -63,10 +75,9 @@ def two_stage_distribution(rl_logits, base_logits, s: Settings) -> np.ndarray:
     p_x = top_p(softmax(e / s.temperature), s.top_p)
     out = np.zeros_like(p_g)
     for y0 in np.nonzero(p_g)[0]:
-        if delta[y0] > s.tau:  # keep y0
-            out[y0] += p_g[y0]
-        else:  # redraw from p_x
-            out += p_g[y0] * p_x
+        flag = flag_probability(delta, gen, y0, s)
+        out[y0] += p_g[y0] * (1 - flag)  # keep y0
+        out += p_g[y0] * flag * p_x  # redraw from p_x
     return out
 
 
@@ -74,16 +85,17 @@ def extrapolation_probability(rl_logits, base_logits, s: Settings) -> float:
     """Probability that the proposal is rejected (the position is extrapolated)."""
     delta, gen, _ = parts(rl_logits, base_logits, s)
     if s.temperature == 0:
-        return float(delta[np.argmax(gen)] <= s.tau)
+        return flag_probability(delta, gen, int(np.argmax(gen)), s)
     p_g = top_p(softmax(gen / s.temperature), s.top_p)
-    return float(p_g[delta <= s.tau].sum())
+    return float(sum(p_g[y0] * flag_probability(delta, gen, y0, s) for y0 in np.nonzero(p_g)[0]))
 
 
 def greedy_token(rl_logits, base_logits, s: Settings) -> int:
-    """Greedy rule: argmax of the generator; if Δ of it is ≤ τ, argmax of e over S."""
+    """Greedy rule: argmax of the generator; if that position is flagged, argmax of e over S.
+    (Not for selection "random", whose flag is a coin.)"""
     delta, gen, e = parts(rl_logits, base_logits, s)
     y0 = int(np.argmax(gen))
-    return int(np.argmax(e)) if delta[y0] <= s.tau else y0
+    return int(np.argmax(e)) if flag_probability(delta, gen, y0, s) == 1.0 else y0
 
 
 def sample_two_stage(rl_logits, base_logits, s: Settings, rng: np.random.Generator):
@@ -91,7 +103,7 @@ def sample_two_stage(rl_logits, base_logits, s: Settings, rng: np.random.Generat
     delta, gen, e = parts(rl_logits, base_logits, s)
     p_g = top_p(softmax(gen / s.temperature), s.top_p)
     y0 = int(rng.choice(len(p_g), p=p_g))
-    if delta[y0] > s.tau:
+    if rng.random() >= flag_probability(delta, gen, y0, s):
         return y0, False
     p_x = top_p(softmax(e / s.temperature), s.top_p)
     return int(rng.choice(len(p_x), p=p_x)), True

@@ -11,6 +11,12 @@ generator, candidates (top-k), temperature and top-p:
   the generator's raw logits when Δ(argmax ℓ_g) > τ, else e = (1+γ)·a − γ·b on the
   candidate set S, −inf elsewhere.
 
+Rows may use another selection criterion than Δlog p (the baselines of the paper's
+token-replacement curve), where the flag belongs to the position, not the proposal:
+`entropy` flags it when the entropy (nats) of the generator's raw distribution softmax(ℓ_g)
+is ≥ τ, `random` flags it with probability τ. Then q = (1 − M)·p_g + M·p_x with M the
+flag's probability; a greedy `random` row flips its coin with torch's default generator.
+
 It also returns, per row, the probability M that the position is extrapolated
 (0 or 1 for greedy rows), and on request Δ = a − b for every token (for statistics of
 the emitted tokens). The fused Triton kernel (kernels/triton_combine.py, when it
@@ -40,13 +46,16 @@ class RowSettings:
     candidates: torch.Tensor  # int64, top-k of the generator's raw logits; 0 = all
     temperature: torch.Tensor  # float32, 0 = greedy
     top_p: torch.Tensor  # float32 in (0, 1]
+    selection: torch.Tensor | None = None  # int64 SELECTION codes; None = Δlog p on every row
 
     def select(self, rows: torch.Tensor) -> "RowSettings":
         """The settings of a subset of rows (an index tensor)."""
-        return RowSettings(*(getattr(self, f).index_select(0, rows) for f in _FIELDS))
+        picked = {f: getattr(self, f).index_select(0, rows) for f in _FIELDS}
+        return RowSettings(**picked, selection=None if self.selection is None else self.selection.index_select(0, rows))
 
 
 _FIELDS = ("gamma", "tau", "use_base", "candidates", "temperature", "top_p")
+SELECTION = {"delta_logp": 0, "entropy": 1, "random": 2}  # codes of RowSettings.selection
 
 
 def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -113,16 +122,39 @@ def combine(
     # Sampled rows: q = p_g·1[Δ > τ] + M·p_x, in log space.
     log_pg = top_p_log((gen / temp).log_softmax(dim=-1), settings.top_p)
     log_px = top_p_log((e / temp).log_softmax(dim=-1), settings.top_p)
-    flagged = delta <= tau
-    prob_ext = log_pg.exp().masked_fill(~flagged, 0.0).sum(dim=-1).clamp(max=1.0)
-    log_kept = log_pg.masked_fill(flagged, float("-inf"))
-    log_q = torch.logaddexp(log_kept, prob_ext.log().unsqueeze(1) + log_px)
-
-    # Greedy rows: extrapolate when Δ of the generator's argmax is at or below τ.
     y0 = gen.argmax(dim=-1, keepdim=True)
     greedy_flag = delta.gather(1, y0).squeeze(1) <= settings.tau
+    if settings.selection is None:
+        flagged = delta <= tau
+        prob_ext = log_pg.exp().masked_fill(~flagged, 0.0).sum(dim=-1).clamp(max=1.0)
+        log_kept = log_pg.masked_fill(flagged, float("-inf"))
+    else:
+        flag_prob, greedy_flag = position_flags(gen, settings, greedy_flag)
+        by_delta = (settings.selection == SELECTION["delta_logp"]).unsqueeze(1)
+        keep_weight = torch.where(by_delta, (delta > tau).float(), 1.0 - flag_prob.unsqueeze(1))
+        prob_ext = (log_pg.exp() * (1.0 - keep_weight)).sum(dim=-1).clamp(max=1.0)
+        log_kept = log_pg + keep_weight.log()
+    log_q = torch.logaddexp(log_kept, prob_ext.log().unsqueeze(1) + log_px)
+
+    # Greedy rows: extrapolate when the argmax proposal is flagged.
     greedy_row = torch.where(greedy_flag.unsqueeze(1), e, gen)
 
     out = torch.where(greedy.unsqueeze(1), greedy_row, log_q)
     prob = torch.where(greedy, greedy_flag.float(), prob_ext)
     return Combined(out, prob, delta if want_delta else None)
+
+
+def position_flags(gen: torch.Tensor, settings: RowSettings, delta_flag: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the position-level criteria: the probability [N] that each position is flagged
+    (0/1 for entropy, τ for random; unused on Δlog p rows) and the greedy flag [N]
+    (`delta_flag` on Δlog p rows)."""
+    entropy = torch.special.entr(gen.softmax(dim=-1)).sum(dim=-1)
+    by_entropy = (entropy >= settings.tau).float()
+    coin = settings.tau.clamp(0.0, 1.0)
+    code = settings.selection
+    flag_prob = torch.where(code == SELECTION["entropy"], by_entropy, coin)
+    greedy_flag = torch.where(code == SELECTION["delta_logp"], delta_flag,
+                              torch.where(code == SELECTION["entropy"], by_entropy > 0,
+                                          torch.rand_like(coin) < coin))
+    return flag_prob, greedy_flag

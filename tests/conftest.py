@@ -41,14 +41,14 @@ def hf_models(toy_pairs):
     }
 
 
-def ref_settings(gamma, tau, generator, candidates, temperature=0.0, top_p=1.0):
+def ref_settings(gamma, tau, generator, candidates, temperature=0.0, top_p=1.0, selection="delta_logp"):
     """The float64 reference's settings for request values (τ = None means +inf)."""
     import math
 
     from kernels import reference
 
     return reference.Settings(gamma=gamma, tau=math.inf if tau is None else tau, generator=generator,
-                              candidates=candidates, temperature=temperature, top_p=top_p)
+                              candidates=candidates, temperature=temperature, top_p=top_p, selection=selection)
 
 
 def next_logits(models, ids):

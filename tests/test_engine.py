@@ -42,6 +42,21 @@ def sampled(temperature, top_p, seed, extra=None, **kw):
             "ignore_eos": True, "logprobs": 1, "extra_args": extra, **kw}
 
 
+# The replacement-curve criteria: (gamma, tau, generator, candidates, selection); the toy
+# models' entropies lie around 3–4.4 nats, so τ = 3.7 flags some positions and not others.
+ENTROPY = (0.5, 3.7, "base", 0, "entropy")
+RANDOM = (0.0, 0.5, "base", 10, "random")
+
+
+def criteria_batch():
+    def extra(gamma, tau, generator, candidates, selection):
+        return {**xargs(gamma, tau, generator, candidates), "selection": selection}
+
+    return ([{"prompt_ids": p, "params": greedy(extra(*ENTROPY))} for p in PROMPTS]
+            + [{"prompt_ids": p, "params": sampled(1.0, 0.9, 40 + i, extra(*s))}
+               for s in (ENTROPY, RANDOM) for i, p in enumerate(PROMPTS)])
+
+
 ALLOWED = list(range(40, 90))
 BIAS = {77: 6.0, 123: 4.0}
 
@@ -57,7 +72,7 @@ def pair_batches():
         {"prompt_ids": PROMPTS[1], "params": greedy(xargs(0.5, -0.3, "base", 0), allowed_token_ids=ALLOWED)},
         {"prompt_ids": PROMPTS[2], "params": greedy(xargs(0.5, None, "rl", 0), logit_bias=BIAS)},
     ]
-    return [mixed_greedy, mixed_sampled, *alone_sampled, masked, passthrough_batch("pair")]
+    return [mixed_greedy, mixed_sampled, *alone_sampled, masked, criteria_batch(), passthrough_batch("pair")]
 
 
 def passthrough_batch(engine):
@@ -147,6 +162,30 @@ def test_masks_and_logit_bias_apply_to_both_models(runs, hf_models):
             ids.append(y)
         assert result[0]["token_ids"] == expected
     assert set(results[0][0]["token_ids"]) <= set(ALLOWED)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_entropy_and_random_selection_follow_the_reference(runs, hf_models, family):
+    results = runs[family][3 + len(SAMPLED)]
+    greedy_flags = []
+    for prompt, result in zip(PROMPTS, results[:3]):
+        s = settings(*ENTROPY[:4], selection="entropy")
+        ids = list(prompt)
+        for token in result[0]["token_ids"]:
+            a, b = next_logits(hf_models[family], ids)
+            assert token == ref.greedy_token(a, b, s)
+            greedy_flags.append(ref.extrapolation_probability(a, b, s))
+            ids.append(token)
+    assert 0 < sum(greedy_flags) < len(greedy_flags)  # both kinds of positions were exercised
+    for i, result in enumerate(results[3:]):
+        gamma, tau, generator, k, selection = (ENTROPY, RANDOM)[i // 3]
+        s = settings(gamma, tau, generator, k, 1.0, 0.9, selection)
+        ids = list(PROMPTS[i % 3])
+        for token, lps in zip(result[0]["token_ids"], result[0]["logprobs"]):
+            a, b = next_logits(hf_models[family], ids)
+            q = ref.two_stage_distribution(a, b, s)
+            assert lps[str(token)] == pytest.approx(math.log(q[token]), abs=2e-3)
+            ids.append(token)
 
 
 def test_extrapolation_off_equals_each_model_alone(runs):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import RowSettings, combine
+from kernels import SELECTION, RowSettings, combine
 from kernels import reference as ref
 
 VOCAB = 97  # not a power of two on purpose
@@ -19,23 +19,35 @@ def random_pair(rng, rows, vocab=VOCAB, spread=1.0):
     return rl, base
 
 
-def random_settings(rng, rows, greedy_share=0.0):
+# τ values per selection criterion: Δlog p thresholds, entropies in nats (log 97 ≈ 4.57), coins.
+TAUS = {"delta_logp": [-math.inf, -1.0, -0.3, 0.0, 0.4, math.inf],
+        "entropy": [0.0, 1.5, 2.5, 3.5, 4.6, math.inf],
+        "random": [0.0, 0.3, 0.5, 1.0]}
+
+
+def random_settings(rng, rows, greedy_share=0.0, selections=("delta_logp",)):
     out = []
     for _ in range(rows):
+        selection = str(rng.choice(selections))
+        greedy = rng.random() < greedy_share and selection != "random"
         out.append(
             ref.Settings(
                 gamma=float(rng.choice([0.0, 0.05, 0.1, 0.5, 2.0, -0.5])),
-                tau=float(rng.choice([-math.inf, -1.0, -0.3, 0.0, 0.4, math.inf])),
+                tau=float(rng.choice(TAUS[selection])),
                 generator=str(rng.choice(["base", "rl"])),
                 candidates=int(rng.choice([0, 1, 5, 50, VOCAB, 500])),
-                temperature=0.0 if rng.random() < greedy_share else float(rng.choice([0.3, 0.7, 1.0, 1.5])),
+                temperature=0.0 if greedy else float(rng.choice([0.3, 0.7, 1.0, 1.5])),
                 top_p=float(rng.choice([0.05, 0.7, 0.95, 1.0])),
+                selection=selection,
             )
         )
     return out
 
 
 def to_row_settings(settings):
+    """RowSettings of reference settings; `selection` stays None (the Δlog p fast path)
+    unless a row uses another criterion."""
+    codes = [SELECTION[s.selection] for s in settings]
     return RowSettings(
         gamma=torch.tensor([s.gamma for s in settings], dtype=torch.float32),
         tau=torch.tensor([s.tau for s in settings], dtype=torch.float32),
@@ -43,6 +55,7 @@ def to_row_settings(settings):
         candidates=torch.tensor([s.candidates for s in settings], dtype=torch.int64),
         temperature=torch.tensor([s.temperature for s in settings], dtype=torch.float32),
         top_p=torch.tensor([s.top_p for s in settings], dtype=torch.float32),
+        selection=torch.tensor(codes, dtype=torch.int64) if any(codes) else None,
     )
 
 
@@ -68,12 +81,53 @@ def test_closed_form_equals_two_stage_reference(seed):
         assert prob[i] == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=2e-5)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_entropy_and_random_selection_match_the_two_stage_reference(seed):
+    """The replacement-curve criteria, mixed in one batch with Δlog p rows."""
+    rng = np.random.default_rng(1500 + seed)
+    rows = 64
+    rl, base = random_pair(rng, rows, spread=rng.choice([0.5, 2.0]))
+    settings = random_settings(rng, rows, selections=("delta_logp", "entropy", "random"))
+    out, prob = run_combine(rl, base, settings)
+    for i, s in enumerate(settings):
+        np.testing.assert_allclose(np.exp(out[i]), ref.two_stage_distribution(rl[i], base[i], s),
+                                   atol=2e-5, rtol=1e-4, err_msg=str(s))
+        assert prob[i] == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=2e-5)
+
+
+def test_delta_rows_are_the_same_with_and_without_other_criteria_in_the_batch():
+    rng = np.random.default_rng(1600)
+    rl, base = random_pair(rng, 32)
+    settings = random_settings(rng, 32, greedy_share=0.3)
+    others = random_settings(rng, 8, selections=("entropy", "random"))
+    out, prob = run_combine(rl, base, settings)
+    mixed_out, mixed_prob = run_combine(np.concatenate([rl, rl[:8]]), np.concatenate([base, base[:8]]), settings + others)
+    np.testing.assert_allclose(mixed_out[:32], out, atol=1e-6)
+    np.testing.assert_allclose(mixed_prob[:32], prob, atol=1e-7)
+
+
+def test_random_selection_with_probability_tau_replaces_that_share():
+    """Greedy rows of the random criterion flip a coin of probability τ per position."""
+    rng = np.random.default_rng(1700)
+    rows = 2000
+    rl, base = random_pair(rng, rows, spread=3.0)
+    for tau in (0.0, 0.25, 1.0):
+        s = ref.Settings(gamma=0.0, tau=tau, generator="base", candidates=0, temperature=0.0, top_p=1.0,
+                         selection="random")
+        out, prob = run_combine(rl, base, [s] * rows)
+        picked = out.argmax(1)
+        flagged = prob == 1.0
+        assert set(np.unique(prob)) <= {0.0, 1.0}
+        assert np.all(picked[flagged] == rl[flagged].argmax(1)) and np.all(picked[~flagged] == base[~flagged].argmax(1))
+        assert abs(flagged.mean() - tau) <= 5 * math.sqrt(tau * (1 - tau) / rows)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_greedy_rows_pick_the_reference_token(seed):
     rng = np.random.default_rng(2000 + seed)
     rows = 128
     rl, base = random_pair(rng, rows)
-    settings = random_settings(rng, rows, greedy_share=0.5)
+    settings = random_settings(rng, rows, greedy_share=0.5, selections=("delta_logp", "entropy"))
     out, prob = run_combine(rl, base, settings)
     for i, s in enumerate(settings):
         if s.temperature == 0:

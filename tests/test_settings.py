@@ -20,10 +20,22 @@ def test_parse_fills_defaults_and_reads_infinities():
     assert settings.parse(settings.parse({"tau": None}).as_xargs()) == settings.parse({"tau": None})
 
 
+def test_selection_criteria_and_their_pass_throughs():
+    assert settings.parse({}).selection == "delta_logp"
+    entropy = settings.parse({"selection": "entropy", "tau": 2.0})
+    assert entropy.passthrough is None and settings.parse(entropy.as_xargs()) == entropy
+    # A threshold no position reaches, or a coin that never lands, leaves the generator alone.
+    assert settings.parse({"selection": "entropy", "tau": "inf"}).passthrough == "base"
+    assert settings.parse({"selection": "entropy", "tau": "-inf"}).passthrough is None
+    assert settings.parse({"selection": "random", "tau": 0, "generator": "rl"}).passthrough == "rl"
+    assert settings.parse({"selection": "random", "tau": 0.2}).passthrough is None
+
+
 @pytest.mark.parametrize("values,field", [
     ({"gamma": True}, "gamma"), ({"gamma": 11}, "gamma"), ({"tau": "up"}, "tau"), ({"tau": math.nan}, "tau"),
     ({"generator": "RL"}, "generator"), ({"candidates": -2}, "candidates"), ({"candidates": 1.5}, "candidates"),
-    ({"preset": "both"}, "preset"),
+    ({"preset": "both"}, "preset"), ({"selection": "kl"}, "selection"), ({"selection": None}, "selection"),
+    ({"selection": "random"}, "tau"), ({"selection": "random", "tau": 1.5}, "tau"), ({"selection": "random", "tau": None}, "tau"),
 ])
 def test_bad_values_name_the_field(values, field):
     with pytest.raises(settings.SettingsError) as info:

@@ -27,7 +27,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from kernels import GREEDY_EPS, RowSettings, combine
+from kernels import GREEDY_EPS, SELECTION, RowSettings, combine
 from server.engine import metrics
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
@@ -127,6 +127,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         base = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough == "base")
         states = [self.rows[i] for i in ext]
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+        selection = [SELECTION[r.settings.selection] for r in states]
         row_settings = RowSettings(
             gamma=as_tensor([r.settings.gamma for r in states], torch.float32),
             tau=as_tensor([r.settings.tau for r in states], torch.float32),
@@ -134,6 +135,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             candidates=as_tensor([r.settings.candidates for r in states], torch.int64),
             temperature=as_tensor([r.temperature for r in states], torch.float32),
             top_p=as_tensor([r.top_p for r in states], torch.float32),
+            selection=as_tensor(selection, torch.int64) if any(selection) else None,  # None: the fused kernel's path
         ) if ext else None
         return BatchPlan(
             ext_rows=as_tensor(ext, torch.int64) if ext else None,

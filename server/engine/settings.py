@@ -11,9 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-FIELDS = ("gamma", "tau", "generator", "candidates")
+from kernels import SELECTION
+
+FIELDS = ("gamma", "tau", "generator", "candidates", "selection")
 PRESETS = ("extrapolate", "rl", "base")
 GENERATORS = ("base", "rl")
+# What flags a position for extrapolation (τ is the threshold of each):
+# Δlog p of the proposed token ≤ τ (the paper's rule); the generator's entropy (nats) ≥ τ;
+# a coin with probability τ. The last two are the paper's baselines for its replacement curve.
+SELECTIONS = tuple(SELECTION)
 GAMMA_RANGE = (-1.0, 10.0)
 MAX_CANDIDATES = 1 << 20
 
@@ -34,6 +40,7 @@ class Extrapolation:
     tau: float = -0.3
     generator: str = "base"
     candidates: int = 50
+    selection: str = "delta_logp"
     preset: str = "extrapolate"
 
     @property
@@ -41,14 +48,14 @@ class Extrapolation:
         """The model whose own logits the sampler may use unchanged, if any.
 
         The presets, and τ = −∞ (no proposal is ever rejected, so q is the generator's
-        own distribution): vLLM's sampler then applies temperature and top-p itself and
+        own distribution; likewise an entropy threshold of +∞ or a coin of probability 0):
+        vLLM's sampler then applies temperature and top-p itself and
         the output is token-for-token that of the model alone.
         """
         if self.preset != "extrapolate":
             return self.preset
-        if self.tau == -math.inf:
-            return self.generator
-        return None
+        never_flagged = {"delta_logp": self.tau == -math.inf, "entropy": self.tau == math.inf, "random": self.tau == 0}
+        return self.generator if never_flagged[self.selection] else None
 
     @property
     def label(self) -> str:
@@ -59,7 +66,7 @@ class Extrapolation:
         """The settings as `vllm_xargs` entries (JSON-safe: τ = ±inf as a string)."""
         tau: float | str = self.tau if math.isfinite(self.tau) else ("inf" if self.tau > 0 else "-inf")
         return {"gamma": self.gamma, "tau": tau, "generator": self.generator,
-                "candidates": self.candidates, "preset": self.preset}
+                "candidates": self.candidates, "selection": self.selection, "preset": self.preset}
 
 
 def _number(field: str, value: Any) -> float:
@@ -110,6 +117,12 @@ def parse_candidates(value: Any, vocab_size: int | None = None) -> int:
     return value
 
 
+def parse_selection(value: Any) -> str:
+    if value not in SELECTIONS:
+        raise SettingsError("selection", f"'selection' must be one of {list(SELECTIONS)}, got {value!r}")
+    return value
+
+
 def parse_preset(value: Any) -> str:
     if value not in PRESETS:
         raise SettingsError("preset", f"'preset' must be one of {list(PRESETS)}, got {value!r}")
@@ -132,7 +145,7 @@ def server_defaults() -> Extrapolation:
 
 
 _PARSERS = {"gamma": parse_gamma, "tau": parse_tau, "generator": parse_generator,
-            "candidates": parse_candidates, "preset": parse_preset}
+            "candidates": parse_candidates, "selection": parse_selection, "preset": parse_preset}
 
 
 def parse(values: Mapping[str, Any] | None, defaults: Extrapolation = Extrapolation(),
@@ -144,4 +157,8 @@ def parse(values: Mapping[str, Any] | None, defaults: Extrapolation = Extrapolat
         if name in values:
             value = values[name]
             changes[name] = parse_candidates(value, vocab_size) if name == "candidates" else parser(value)
-    return replace(defaults, **changes)
+    found = replace(defaults, **changes)
+    if found.selection == "random" and not 0.0 <= found.tau <= 1.0:
+        raise SettingsError("tau", f"with selection 'random', 'tau' is the probability of extrapolating a position "
+                                   f"and must be in [0, 1], got {found.tau!r}")
+    return found
