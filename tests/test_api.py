@@ -49,12 +49,14 @@ def test_models_lists_the_three_presets(client):
     {"gamma": 0.5, "tau": -0.3, "generator": "base", "candidates": 20},
     {"extrapolation": {"gamma": 1.0, "tau": None, "generator": "rl", "candidates": 0}},
     {"gamma": 0.0, "extrapolation": {"tau": 0.1}},
+    {"gamma": 0.5, "tau": 3.7, "selection": "entropy"},
 ])
 def test_greedy_completion_matches_reference_and_counts_extrapolation(client, hf_models, live_server, fields):
     merged = {**fields.get("extrapolation", {}), **{k: v for k, v in fields.items() if k != "extrapolation"}}
     defaults = ref.Settings(0.05, -0.3, "base", 50, 0.0, 1.0)
     s = settings(merged.get("gamma", defaults.gamma), merged.get("tau", defaults.tau),
-                 merged.get("generator", defaults.generator), merged.get("candidates", defaults.candidates))
+                 merged.get("generator", defaults.generator), merged.get("candidates", defaults.candidates),
+                 selection=merged.get("selection", defaults.selection))
     tokens, response = complete_ids(client, **fields)
     expected, flagged = reference_greedy(hf_models, s)
     assert tokens == expected
@@ -143,6 +145,8 @@ BAD_REQUESTS = [
     ({"extrapolation": {"gama": 0.1}}, "extrapolation.gama"),
     ({"gamma": 0.1, "extrapolation": {"gamma": 0.2}}, "gamma"),
     ({"vllm_xargs": {"gamma": "strong"}}, "gamma"),
+    ({"selection": "kl"}, "selection"),
+    ({"selection": "random", "tau": 2}, "tau"),
 ]
 
 
