@@ -63,6 +63,9 @@ def our_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tau", default="-0.3", help="comma-separated τ values; 'null' = always extrapolate")
     ev.add_argument("--generator", default="base")
     ev.add_argument("--candidates", type=int, default=50)
+    ev.add_argument("--selection", choices=settings_mod.SELECTIONS, default=None,
+                    help="what flags a position: delta_logp (the server's default), entropy (τ in nats), "
+                         "random (τ = probability)")
     ev.add_argument("--presets", default="rl,base", help="comma-separated presets to include ('' for none)")
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--top-p", type=float, default=0.7)
@@ -180,7 +183,7 @@ def evaluate(ours: argparse.Namespace) -> None:
     except (ValueError, OSError) as exc:
         fail(str(exc))
     presets = [p for p in ours.presets.split(",") if p]
-    settings = evaluation.grid(gammas, taus, ours.generator, ours.candidates, presets)
+    settings = evaluation.grid(gammas, taus, ours.generator, ours.candidates, presets, ours.selection)
     sampling = {"temperature": ours.temperature, "top_p": ours.top_p, "max_tokens": ours.max_tokens}
     if ours.seed is not None:
         sampling["seed"] = ours.seed

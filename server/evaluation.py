@@ -3,8 +3,8 @@
 Prompts as the paper does (the problem, then "Please reason step by step, and put your
 final answer within \\boxed{}."), samples `n` answers per problem, scores the last
 `\\boxed{}` with math-verify, and reports avg@n and unbiased pass@k per setting. Settings
-are a grid over γ × τ (with the request's generator and candidates) plus presets sent as
-model-name suffixes (`:rl`, `:base`) for reference. Each finished (setting, problem) is
+are a grid over γ × τ (with the request's generator, candidates and selection criterion)
+plus presets sent as model-name suffixes (`:rl`, `:base`) for reference. Each finished (setting, problem) is
 appended to a JSONL at once, so an interrupted run resumes where it stopped.
 """
 
@@ -27,25 +27,28 @@ class Setting:
     tau: float | None = None  # None: +inf (always extrapolate)
     generator: str | None = None
     candidates: int | None = None
+    selection: str | None = None  # None: the server's default criterion (Δlog p)
 
     @property
     def key(self) -> str:
         if self.preset != "extrapolate":
             return self.preset
         tau = "null" if self.tau is None else f"{self.tau:g}"
-        return f"gamma={self.gamma:g},tau={tau},generator={self.generator},candidates={self.candidates}"
+        key = f"gamma={self.gamma:g},tau={tau},generator={self.generator},candidates={self.candidates}"
+        return key if self.selection is None else f"{key},selection={self.selection}"
 
     def request_fields(self, model: str) -> tuple[str, dict]:
         if self.preset != "extrapolate":
             return f"{model}:{self.preset}", {}
-        return model, {"gamma": self.gamma, "tau": self.tau, "generator": self.generator,
-                       "candidates": self.candidates}
+        fields = {"gamma": self.gamma, "tau": self.tau, "generator": self.generator, "candidates": self.candidates}
+        return model, fields if self.selection is None else {**fields, "selection": self.selection}
 
 
 def grid(gammas: Iterable[float], taus: Iterable[float | None], generator: str, candidates: int,
-         presets: Iterable[str]) -> list[Setting]:
+         presets: Iterable[str], selection: str | None = None) -> list[Setting]:
     settings = [Setting(preset=p) for p in presets]
-    settings += [Setting(gamma=g, tau=t, generator=generator, candidates=candidates) for t in taus for g in gammas]
+    settings += [Setting(gamma=g, tau=t, generator=generator, candidates=candidates, selection=selection)
+                 for t in taus for g in gammas]
     return settings
 
 
@@ -174,28 +177,37 @@ def format_table(rows: list[dict], ks: list[int]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy (avg@n) against γ, one line per τ; the presets as horizontal reference lines."""
+    """Two panels. Left: accuracy (avg@n) against γ, one line per (selection, τ). Right:
+    accuracy against the extrapolated fraction of tokens, one line per (selection, γ,
+    generator) over its τ sweep — the paper's token-replacement curve when γ = 0 and the
+    generator is the base model. The presets are horizontal reference lines in both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    curves: dict[str, list[tuple[float, float]]] = {}
+    fig, (by_gamma, by_rate) = plt.subplots(1, 2, figsize=(11, 4))
+    gamma_curves: dict[str, list[tuple[float, float]]] = {}
+    rate_curves: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if row["preset"] == "extrapolate":
+            selection = row.get("selection") or "delta_logp"
             tau = "null" if row["tau"] is None else f"{row['tau']:g}"
-            curves.setdefault(tau, []).append((row["gamma"], row["avg@n"]))
-    for tau, points in sorted(curves.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"τ = {tau}")
-    for row in rows:
-        if row["preset"] != "extrapolate":
-            ax.axhline(row["avg@n"], linestyle="--", color="gray" if row["preset"] == "base" else "black",
-                       label=f"{row['preset']} alone")
-    ax.set_xlabel("γ")
-    ax.set_ylabel("avg@n accuracy")
-    ax.legend()
+            gamma_curves.setdefault(f"{selection}, τ = {tau}", []).append((row["gamma"], row["avg@n"]))
+            rate_curves.setdefault(f"{selection}, γ = {row['gamma']:g}, gen {row['generator']}", []).append(
+                (row["extrapolation_rate"], row["avg@n"]))
+    for ax, curves in ((by_gamma, gamma_curves), (by_rate, rate_curves)):
+        for label, points in sorted(curves.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        for row in rows:
+            if row["preset"] != "extrapolate":
+                ax.axhline(row["avg@n"], linestyle="--", color="gray" if row["preset"] == "base" else "black",
+                           label=f"{row['preset']} alone")
+        ax.set_ylabel("avg@n accuracy")
+        ax.legend(fontsize="small")
+    by_gamma.set_xlabel("γ")
+    by_rate.set_xlabel("extrapolated (replaced) fraction of tokens")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
