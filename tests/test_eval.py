@@ -66,3 +66,21 @@ def test_eval_runs_resumes_and_reports(live_server, tmp_path):
     before = out.read_text()
     second = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and out.read_text() == before  # resumed: nothing left to sample
+
+
+def test_eval_selection_criterion_reaches_the_server(live_server, tmp_path):
+    """`--selection random`: τ = 1 flags every position, τ = 0 none (the replacement-curve baseline)."""
+    url, name, _ = live_server
+    data = tmp_path / "problems.jsonl"
+    data.write_text(json.dumps({"problem": "What is 2 + 2?", "answer": "4"}))
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "server.cli", "eval", "--url", url + "/v1", "--model", name, "--data", str(data),
+               "--n", "2", "--gamma", "0", "--tau", "0,1", "--selection", "random", "--presets", "",
+               "--max-tokens", "6", "--seed", "1", "--out", str(out)]
+    run = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = {r["setting"]: r for r in map(json.loads, out.read_text().splitlines())}
+    never = records["gamma=0,tau=0,generator=base,candidates=50,selection=random"]
+    always = records["gamma=0,tau=1,generator=base,candidates=50,selection=random"]
+    assert never["extrapolated_tokens"] == 0
+    assert always["extrapolated_tokens"] == pytest.approx(always["completion_tokens"])
