@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from server.engine.settings import tau_json
+
 PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -40,7 +42,8 @@ class Setting:
     def request_fields(self, model: str) -> tuple[str, dict]:
         if self.preset != "extrapolate":
             return f"{model}:{self.preset}", {}
-        fields = {"gamma": self.gamma, "tau": self.tau, "generator": self.generator, "candidates": self.candidates}
+        tau = None if self.tau is None else tau_json(self.tau)
+        fields = {"gamma": self.gamma, "tau": tau, "generator": self.generator, "candidates": self.candidates}
         return model, fields if self.selection is None else {**fields, "selection": self.selection}
 
 
@@ -177,26 +180,29 @@ def format_table(rows: list[dict], ks: list[int]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Two panels. Left: accuracy (avg@n) against γ, one line per (selection, τ). Right:
-    accuracy against the extrapolated fraction of tokens, one line per (selection, γ,
-    generator) over its τ sweep — the paper's token-replacement curve when γ = 0 and the
-    generator is the base model. The presets are horizontal reference lines in both."""
+    """Accuracy (avg@n) against γ, one line per (selection, τ); and accuracy against the
+    extrapolated fraction of tokens, one line per (selection, γ, generator) over its τ
+    sweep — the paper's token-replacement curve when γ = 0 and the generator is the base
+    model. A panel is drawn when it has a line of two points or more (the γ panel at least);
+    the presets are horizontal reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_gamma, by_rate) = plt.subplots(1, 2, figsize=(11, 4))
-    gamma_curves: dict[str, list[tuple[float, float]]] = {}
-    rate_curves: dict[str, list[tuple[float, float]]] = {}
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {"γ": {}, "extrapolated (replaced) fraction of tokens": {}}
     for row in rows:
         if row["preset"] == "extrapolate":
             selection = row.get("selection") or "delta_logp"
             tau = "null" if row["tau"] is None else f"{row['tau']:g}"
-            gamma_curves.setdefault(f"{selection}, τ = {tau}", []).append((row["gamma"], row["avg@n"]))
-            rate_curves.setdefault(f"{selection}, γ = {row['gamma']:g}, gen {row['generator']}", []).append(
+            panels["γ"].setdefault(f"{selection}, τ = {tau}", []).append((row["gamma"], row["avg@n"]))
+            panels["extrapolated (replaced) fraction of tokens"].setdefault(
+                f"{selection}, γ = {row['gamma']:g}, gen {row['generator']}", []).append(
                 (row["extrapolation_rate"], row["avg@n"]))
-    for ax, curves in ((by_gamma, gamma_curves), (by_rate, rate_curves)):
+    drawn = {x: curves for x, curves in panels.items() if any(len(points) > 1 for points in curves.values())}
+    drawn = drawn or {"γ": panels["γ"]}
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.5 * len(drawn), 4), squeeze=False)
+    for ax, (xlabel, curves) in zip(axes[0], drawn.items()):
         for label, points in sorted(curves.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -204,10 +210,9 @@ def plot(rows: list[dict], path: Path) -> None:
             if row["preset"] != "extrapolate":
                 ax.axhline(row["avg@n"], linestyle="--", color="gray" if row["preset"] == "base" else "black",
                            label=f"{row['preset']} alone")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("avg@n accuracy")
         ax.legend(fontsize="small")
-    by_gamma.set_xlabel("γ")
-    by_rate.set_xlabel("extrapolated (replaced) fraction of tokens")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -63,10 +63,14 @@ class Extrapolation:
         return "extrapolated" if self.preset == "extrapolate" else self.preset
 
     def as_xargs(self) -> dict[str, Any]:
-        """The settings as `vllm_xargs` entries (JSON-safe: τ = ±inf as a string)."""
-        tau: float | str = self.tau if math.isfinite(self.tau) else ("inf" if self.tau > 0 else "-inf")
-        return {"gamma": self.gamma, "tau": tau, "generator": self.generator,
+        """The settings as `vllm_xargs` entries (JSON-safe)."""
+        return {"gamma": self.gamma, "tau": tau_json(self.tau), "generator": self.generator,
                 "candidates": self.candidates, "selection": self.selection, "preset": self.preset}
+
+
+def tau_json(tau: float) -> float | str:
+    """τ as JSON can carry it: ±inf as the strings `parse_tau` reads back."""
+    return tau if math.isfinite(tau) else ("inf" if tau > 0 else "-inf")
 
 
 def _number(field: str, value: Any) -> float:
