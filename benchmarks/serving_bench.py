@@ -1,18 +1,26 @@
 """Serving benchmark: this server against vLLM serving the RL model alone and the paper's way.
 
     python benchmarks/serving_bench.py --rl demo/pair/rl --base demo/pair/base \
-        --concurrency 1,4,16 --requests 32 --max-tokens 32 --out benchmarks/out/serving.json
+        --concurrency 1,4,16,64 --requests 64 --max-tokens 32 --out benchmarks/out/serving.json
 
 Starts each system itself on loopback, one at a time, and drives it with the same seeded
 request mix (fixed prompts, `max_tokens` with `ignore_eos`, so every request produces
-exactly that many tokens) at each concurrency level:
+exactly that many tokens; T = 1, top-p 0.7 for every system) at each concurrency level:
 
 * `rlvrx` — the extrapolated preset of `rlvrx serve` (paper setting: generator base, k = 50,
-  τ = −0.3, γ = 0.05, T = 1);
+  τ = −0.3, γ = 0.05);
 * `rlvrx:rl` — the `:rl` preset of the same server (one model's sampling, both models run);
 * `vllm-rl` — a plain vLLM OpenAI server of the RL model alone: the reference ceiling;
 * `paper-2engines` — two vLLM engines stepped one token per `generate` call with top-50
-  log-probs, the rule applied on the host (benchmarks/baselines/paper_two_engines.py).
+  log-probs, the rule applied on the host (benchmarks/baselines/paper_two_engines.py);
+* `hf-generate` — transformers `generate` on the RL model with a logits processor that runs
+  the base model and `kernels.combine` each step (benchmarks/baselines/transformers_generate.py).
+
+`--systems` picks a subset. The two baselines take the requests in batches of the
+concurrency (a batch starts when the previous one has finished), as a user of them would.
+Prompts are 3-digit reversed additions for the demo pair (its character tokenizer knows
+nothing else) and short plain-text requests for any other pair (`--prompt-style`; `auto`
+tells the demo pair by its chat template).
 
 Prints one table (TTFT, inter-token latency, end-to-end latency p50/p99, output tokens/s,
 and tokens/s as a ratio to `vllm-rl` at the same concurrency) and writes it as JSON.
@@ -37,6 +45,18 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.overload import stream_completion  # noqa: E402
 
 PAPER = {"gamma": 0.05, "tau": -0.3, "generator": "base", "candidates": 50}
+SAMPLING = {"temperature": 1.0, "top_p": 0.7}  # every system, every request
+SYSTEMS = ("rlvrx", "rlvrx:rl", "vllm-rl", "paper-2engines", "hf-generate")
+TEXT_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "List five ideas for a weekend trip and say what each would cost.",
+    "What is the difference between a list and a tuple in Python?",
+    "Describe the water cycle step by step.",
+    "Give me a recipe for a simple tomato soup.",
+    "Summarise the plot of a detective novel you would like to read.",
+    "How do vaccines train the immune system?",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -66,16 +86,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def prompts(count: int) -> list[str]:
+def prompts(count: int, style: str) -> list[str]:
+    """`count` fixed prompts: reversed 3-digit additions (`arith`) or plain-text requests (`text`)."""
     from server.arith_pair import question
 
-    return [question((37 * i) % 1000, (91 * i + 5) % 1000) + "=" for i in range(count)]
+    if style == "arith":
+        return [question((37 * i) % 1000, (91 * i + 5) % 1000) + "=" for i in range(count)]
+    return [f"Request {i}: {TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}" for i in range(count)]
+
+
+def prompt_style(tokenizer) -> str:
+    """`arith` for the demo pair (recognised by its chat template), else `text`."""
+    from server.arith_pair import CHAT_TEMPLATE
+
+    return "arith" if tokenizer.chat_template == CHAT_TEMPLATE else "text"
 
 
 def drive_http(url: str, model: str, fields: dict, texts: list[str], concurrency: int, max_tokens: int) -> dict:
     def one(i: int) -> dict:
         body = {"model": model, "prompt": texts[i], "max_tokens": max_tokens, "ignore_eos": True,
-                "temperature": 1.0, "seed": i, **fields}
+                "seed": i, **SAMPLING, **fields}
         return stream_completion(url, body)
 
     started = time.perf_counter()
@@ -90,13 +120,18 @@ def drive_http(url: str, model: str, fields: dict, texts: list[str], concurrency
                      wall, len(texts) * max_tokens)
 
 
-def drive_two_engines(baseline, tokenizer, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+def drive_batches(baseline, tokenizer, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Run a baseline (`.run` as in benchmarks/baselines) on batches of `concurrency` requests,
+    tokenized as vLLM's completions endpoint does."""
     records = []
     started = time.perf_counter()
     for first in range(0, len(texts), concurrency):
-        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts[first : first + concurrency]]
-        records += baseline.run(ids, max_tokens, PAPER["gamma"], PAPER["tau"], temperature=1.0, seed=first)
+        ids = [tokenizer(t).input_ids for t in texts[first : first + concurrency]]
+        records += baseline.run(ids, max_tokens, gamma=PAPER["gamma"], tau=PAPER["tau"], seed=first, **SAMPLING)
     wall = time.perf_counter() - started
+    bad = [r["tokens"] for r in records if r["tokens"] != max_tokens]
+    if bad:
+        raise SystemExit(f"{type(baseline).__name__}: incomplete responses: {bad[:2]}")
     return summarize(records, wall, len(texts) * max_tokens)
 
 
@@ -113,65 +148,97 @@ def summarize(records: list[dict], wall: float, tokens: int) -> dict:
     }
 
 
+def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -> list[dict]:
+    """Rows for the HTTP systems: `rlvrx serve` (extrapolated and `:rl`), then plain vLLM."""
+    url = f"http://127.0.0.1:{args.port}"
+    logs = Path(args.out).parent
+    common = ["--port", str(args.port), "--host", "127.0.0.1", "--dtype", args.dtype,
+              "--served-model-name", "m", "--seed", "0"]
+    servers = [
+        ([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl, "--base", args.base, *common], "rlvrx.log",
+         [("rlvrx", "m", PAPER), ("rlvrx:rl", "m:rl", {})]),
+        ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl,
+          "--logprobs-mode", "processed_logprobs", *common], "vllm.log", [("vllm-rl", "m", {})]),
+    ]
+    rows = []
+    for command, log, served in servers:
+        served = [s for s in served if s[0] in systems]
+        if not served:
+            continue
+        proc = start(command, args.port, logs / log)
+        try:
+            drive_http(url, served[0][1], served[0][2], texts[:4], 4, args.max_tokens)  # warm-up, not recorded
+            for c in levels:
+                for system, model, fields in served:
+                    rows.append({"system": system, "concurrency": c,
+                                 **drive_http(url, model, fields, texts, c, args.max_tokens)})
+        finally:
+            stop(proc)
+    return rows
+
+
+def run_baselines(args, systems: list[str], levels: list[int], texts: list[str], tokenizer) -> list[dict]:
+    """Rows for the in-process baselines: transformers `generate`, then the paper's two engines
+    (last: their engine processes stay up until this process ends)."""
+    rows = []
+    for system in ("hf-generate", "paper-2engines"):
+        if system not in systems:
+            continue
+        if system == "hf-generate":
+            from benchmarks.baselines.transformers_generate import TransformersGenerateBaseline
+
+            baseline = TransformersGenerateBaseline(args.rl, args.base, dtype=args.dtype)
+        else:
+            from benchmarks.baselines.paper_two_engines import TwoEngineBaseline
+
+            baseline = TwoEngineBaseline(args.rl, args.base, dtype=args.dtype, seed=0, gpu_memory_utilization=0.3,
+                                         enable_prefix_caching=True)
+        drive_batches(baseline, tokenizer, texts[:4], 4, 4)  # warm-up, not recorded
+        for c in levels:
+            rows.append({"system": system, "concurrency": c,
+                         **drive_batches(baseline, tokenizer, texts, c, args.max_tokens)})
+    return rows
+
+
+def report(rows: list[dict]) -> None:
+    """Print the table; add each row's throughput as a ratio to `vllm-rl` at its concurrency (None
+    when `vllm-rl` did not run)."""
+    ceiling = {r["concurrency"]: r["output_tok_s"] for r in rows if r["system"] == "vllm-rl"}
+    print(f"{'system':<15} {'conc':>4} {'TTFT p50/p99 ms':>17} {'ITL p50/p99 ms':>15} {'E2E p50/p99 ms':>17} "
+          f"{'tok/s':>8} {'vs vllm-rl':>10}")
+    for r in sorted(rows, key=lambda r: (r["concurrency"], SYSTEMS.index(r["system"]))):
+        ratio = r["output_tok_s"] / ceiling[r["concurrency"]] if r["concurrency"] in ceiling else None
+        r["ratio_to_vllm_rl"] = ratio
+        print(f"{r['system']:<15} {r['concurrency']:>4} {r['ttft_p50_ms']:>8.1f}/{r['ttft_p99_ms']:<8.1f} "
+              f"{r['itl_p50_ms']:>7.1f}/{r['itl_p99_ms']:<7.1f} {r['e2e_p50_ms']:>8.1f}/{r['e2e_p99_ms']:<8.1f} "
+              f"{r['output_tok_s']:>8.1f} {'—' if ratio is None else f'{ratio:.3f}':>10}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rl", default="demo/pair/rl")
     parser.add_argument("--base", default="demo/pair/base")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompt-style", choices=("auto", "arith", "text"), default="auto")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/out/serving.json")
     args = parser.parse_args()
+    systems = args.systems.split(",")
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     levels = [int(c) for c in args.concurrency.split(",")]
-    texts = prompts(args.requests)
-    url = f"http://127.0.0.1:{args.port}"
-    logs = Path(args.out).parent
-    logs.mkdir(parents=True, exist_ok=True)
-    common = ["--port", str(args.port), "--host", "127.0.0.1", "--dtype", args.dtype,
-              "--served-model-name", "m", "--seed", "0"]
-    rows = []
-
-    proc = start([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl, "--base", args.base, *common],
-                 args.port, logs / "rlvrx.log")
-    try:
-        drive_http(url, "m", PAPER, texts[:4], 4, args.max_tokens)  # warm-up, not recorded
-        for c in levels:
-            rows.append({"system": "rlvrx", "concurrency": c, **drive_http(url, "m", PAPER, texts, c, args.max_tokens)})
-            rows.append({"system": "rlvrx:rl", "concurrency": c,
-                         **drive_http(url, "m:rl", {}, texts, c, args.max_tokens)})
-    finally:
-        stop(proc)
-    proc = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl,
-                  "--logprobs-mode", "processed_logprobs", *common], args.port, logs / "vllm.log")
-    try:
-        drive_http(url, "m", {}, texts[:4], 4, args.max_tokens)  # warm-up, not recorded
-        for c in levels:
-            rows.append({"system": "vllm-rl", "concurrency": c, **drive_http(url, "m", {}, texts, c, args.max_tokens)})
-    finally:
-        stop(proc)
-
     from transformers import AutoTokenizer
 
-    from benchmarks.baselines.paper_two_engines import TwoEngineBaseline
-
-    baseline = TwoEngineBaseline(args.rl, args.base, dtype=args.dtype, seed=0, gpu_memory_utilization=0.3,
-                                 enable_prefix_caching=True)
     tokenizer = AutoTokenizer.from_pretrained(args.rl)
-    drive_two_engines(baseline, tokenizer, texts[:4], 4, 4)  # warm-up, not recorded
-    for c in levels:
-        rows.append({"system": "paper-2engines", "concurrency": c,
-                     **drive_two_engines(baseline, tokenizer, texts, c, args.max_tokens)})
-
-    ceiling = {r["concurrency"]: r["output_tok_s"] for r in rows if r["system"] == "vllm-rl"}
-    print(f"{'system':<15} {'conc':>4} {'TTFT p50/p99 ms':>17} {'ITL p50/p99 ms':>15} {'E2E p50/p99 ms':>17} "
-          f"{'tok/s':>8} {'vs vllm-rl':>10}")
-    for r in sorted(rows, key=lambda r: (r["concurrency"], r["system"])):
-        r["ratio_to_vllm_rl"] = r["output_tok_s"] / ceiling[r["concurrency"]]
-        print(f"{r['system']:<15} {r['concurrency']:>4} {r['ttft_p50_ms']:>8.1f}/{r['ttft_p99_ms']:<8.1f} "
-              f"{r['itl_p50_ms']:>7.1f}/{r['itl_p99_ms']:<7.1f} {r['e2e_p50_ms']:>8.1f}/{r['e2e_p99_ms']:<8.1f} "
-              f"{r['output_tok_s']:>8.1f} {r['ratio_to_vllm_rl']:>10.3f}")
+    texts = prompts(args.requests, prompt_style(tokenizer) if args.prompt_style == "auto" else args.prompt_style)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    rows = run_servers(args, systems, levels, texts) + run_baselines(args, systems, levels, texts, tokenizer)
+    report(rows)
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
 

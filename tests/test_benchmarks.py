@@ -20,3 +20,50 @@ def test_combine_bench_runs_under_the_interpreter(tmp_path):
     assert len(results["rows"]) == 2
     for row in results["rows"]:
         assert row["torch_ms"] > 0 and row["kernel_ms"] > 0 and row["decode_ms"] > 0
+
+
+def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkeypatch):
+    """Each step of the transformers baseline (left-padded batch, the base model's cache kept
+    between steps) returns kernels.combine of the two models' logits computed afresh on that
+    row's prefix alone; every request gets exactly max_tokens tokens."""
+    import torch
+
+    from benchmarks.baselines import transformers_generate as hf
+    from kernels import combine
+
+    base_path, rl_path = toy_pairs["llama"]
+    baseline = hf.TransformersGenerateBaseline(str(rl_path), str(base_path))
+    prompts = [baseline.tokenizer(t).input_ids for t in ("Hello", "The quick brown fox jumps over", "What is 7 + 5?")]
+    assert len({len(p) for p in prompts}) == 3  # the batch is padded
+    steps = []
+    original = hf.BaseModelProcessor.__call__
+
+    def recording(self, input_ids, scores):
+        out = original(self, input_ids, scores)
+        steps.append((input_ids.clone(), scores.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(hf.BaseModelProcessor, "__call__", recording)
+    max_tokens, width = 5, max(len(p) for p in prompts)
+    records = baseline.run(prompts, max_tokens, gamma=0.5, tau=0.0, temperature=1.0, top_p=0.7, seed=0)
+
+    assert [r["tokens"] for r in records] == [max_tokens] * 3
+    assert all(len(r["itl_s"]) == max_tokens - 1 and 0 < r["ttft_s"] <= r["e2e_s"] for r in records)
+    assert len(steps) == max_tokens
+    eos = baseline.rl.generation_config.eos_token_id
+    settings = hf.paper_settings(1, gamma=0.5, tau=0.0, temperature=1.0, top_p=0.7)
+    extrapolated = 0
+    for input_ids, scores, out in steps:
+        for row, prompt in enumerate(prompts):
+            prefix = input_ids[row, width - len(prompt):]
+            assert prefix[: len(prompt)].tolist() == prompt
+            with torch.no_grad():
+                rl, base = (m(prefix[None]).logits[:, -1] for m in (baseline.rl, baseline.base))
+            rl, base = (x.index_fill(1, torch.tensor([eos]), float("-inf")) for x in (rl, base))  # min_new_tokens
+            torch.testing.assert_close(scores[row], rl[0], atol=1e-4, rtol=1e-4)
+            expected = combine(rl, base, settings)
+            torch.testing.assert_close(out[row], expected.out[0], atol=1e-4, rtol=1e-4)
+            extrapolated += float(expected.prob[0]) > 0
+    assert extrapolated > 0  # the settings exercise the rule, not only the proposal
+    generated = torch.tensor([r["ids"] for r in records])
+    assert torch.equal(steps[-1][0][:, width:], generated[:, :-1])
