@@ -20,7 +20,8 @@ from typing import NoReturn
 from server.engine import settings as settings_mod
 from server.engine.pair import PairError, engine_kwargs
 
-MIDDLEWARE = "server.api.middleware.ExtrapolationMiddleware"
+# Outermost last: a draining server refuses before anything else looks at the request.
+MIDDLEWARE = ("server.api.middleware.ExtrapolationMiddleware", "server.api.drain.DrainMiddleware")
 DEFAULT_SHUTDOWN_TIMEOUT = 120  # seconds
 
 
@@ -137,7 +138,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
         setattr(args, key, value)
     name = (args.served_model_name or [Path(ours.rl).resolve().name])[0]
     args.served_model_name = [name, f"{name}:rl", f"{name}:base"]
-    args.middleware = [*args.middleware, MIDDLEWARE]
+    args.middleware = [*args.middleware, *MIDDLEWARE]
     validate_parsed_serve_args(args)
     settings_mod.set_server_defaults(defaults)
 

@@ -26,6 +26,7 @@ from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
 from server.api import metrics
+from server.api.errors import error_body, send_json
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
 
@@ -45,10 +46,6 @@ class ApiConfig:
     served_name: str
     protect_metrics: bool = False  # /metrics needs the API key too
     max_n: int = 256  # most choices (`n`) one request may ask for
-
-
-def error_body(message: str, param: str | None, code: int = 400, kind: str = "BadRequestError") -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
 def known_fields(path: str) -> set[str]:
@@ -193,12 +190,6 @@ def replay(body: bytes, receive):
         return await receive()
 
     return replayed
-
-
-async def send_json(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ResponseRewriter:
