@@ -8,6 +8,7 @@ middleware, and three served names: `<name>`, `<name>:rl`, `<name>:base`.
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from server.engine import settings as settings_mod
+from server.engine import startup_error
 from server.engine.pair import PairError, engine_kwargs
 
 # Outermost last: a draining server refuses before anything else looks at the request.
@@ -86,25 +88,22 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def first_message(exc: Exception) -> str:
-    """One line from an exception: pydantic's first error message, else the first line."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        try:
-            return str(errors()[0]["msg"]).removeprefix("Value error, ").splitlines()[0]
-        except (IndexError, KeyError, TypeError):
-            pass
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
-    # Before anything imports prometheus-client: the engine's metrics (server.engine.metrics)
-    # reach /metrics through multiprocess mode, whether the engine runs in this process or not.
-    metrics_dir = None
+    # This run's files, removed at exit: prometheus-client's multiprocess folder (set before
+    # anything imports prometheus-client: the engine's metrics, server.engine.metrics, reach
+    # /metrics through it whether the engine runs in this process or not), and the file where
+    # vLLM's processes record their first error (server.engine.startup_error).
+    run_dir, owner = tempfile.mkdtemp(prefix="rlvrx-"), os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(run_dir, ignore_errors=True))
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        metrics_dir = tempfile.mkdtemp(prefix="rlvrx-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(run_dir, "metrics")
+        os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    error_file = os.environ[startup_error.ENV] = os.path.join(run_dir, "engine-error.txt")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # An engine that fails to start leaves its shared-memory queues to multiprocessing's resource
+    # tracker, which removes them and would warn after our last line.
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        filter(None, (os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:multiprocessing.resource_tracker")))
     # The V1 logits-processor interface; Model Runner V2 (CUDA default) refuses it.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     try:
@@ -152,11 +151,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     try:
         uvloop.run(run_server(args))
     except (ValueError, RuntimeError) as exc:  # vLLM's config checks (pydantic's ValidationError is a ValueError)
-        fail(f"vLLM refused to start: {first_message(exc)}")
+        # or a failure in its engine processes, whose cause they recorded
+        fail(f"vLLM refused to start: {startup_error.read(error_file) or startup_error.first_message(exc)}")
     finally:
         stats.remove()
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def demo(ours: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""`rlvrx serve` refuses a pair that cannot share one engine: one line, exit code 2."""
+"""`rlvrx serve` refuses a pair that cannot share one engine, or an engine that cannot start:
+its output ends in one line `rlvrx: error: ...` naming the cause, exit code 2."""
 
 import json
 import shutil
@@ -8,15 +9,17 @@ import sys
 import pytest
 
 from server.toy_pair import build_pair
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, child_env, free_port
 
 
-def serve_fails(rl, base, *extra, only_line=True):
+def serve_fails(rl, base, *extra, only_line=True, in_engine=False, env=None):
     proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base), *extra],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=child_env(**(env or {})), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("rlvrx: error: ") and "Traceback" not in proc.stderr
+    assert lines[-1].startswith("rlvrx: error: ")
+    if not in_engine:  # refused in our process: no traceback (vLLM's engine processes log their own)
+        assert "Traceback" not in proc.stderr
     if only_line:  # refused before vLLM starts: nothing else printed
         assert len(lines) == 1
     return lines[-1]
@@ -70,3 +73,14 @@ def test_vllm_config_errors_end_in_one_line(toy_pairs):
     base, rl = toy_pairs["qwen2"]
     line = serve_fails(rl, base, "--max-model-len", "4096", only_line=False)
     assert "vLLM refused to start" in line and "max_model_len" in line
+
+
+def test_engine_start_up_failures_end_in_one_line_naming_the_cause(toy_pairs):
+    """Failures inside vLLM's engine processes: the KV cache larger than the machine's memory
+    (raised in the worker process), and no memory at all for the KV cache (in the engine core)."""
+    base, rl = toy_pairs["qwen2"]
+    common = ("--enforce-eager", "--max-model-len", "512", "--port", str(free_port()))
+    line = serve_fails(rl, base, *common, only_line=False, in_engine=True, env={"VLLM_CPU_KVCACHE_SPACE": "100000"})
+    assert "vLLM refused to start: Available memory" in line and "VLLM_CPU_KVCACHE_SPACE" in line
+    line = serve_fails(rl, base, *common, only_line=False, in_engine=True, env={"VLLM_CPU_KVCACHE_SPACE": "0"})
+    assert "vLLM refused to start: No available memory for the cache blocks" in line

@@ -1,5 +1,7 @@
-"""vLLM general plugin: registers the wrapper architecture in every vLLM process."""
+"""vLLM general plugin: registers the wrapper architecture in every vLLM process, and
+records vLLM's first error there for `rlvrx serve`'s start-up message."""
 
+from server.engine import startup_error
 from server.engine.pair import ARCHITECTURE
 
 
@@ -8,3 +10,4 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "server.engine.model:ExtrapolationForCausalLM")
+    startup_error.record_in_this_process()
