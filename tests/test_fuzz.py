@@ -1,13 +1,21 @@
-"""Hypothesis-driven requests against the live server: whatever the body, the answer is
-a well-formed response or an OpenAI-format 4xx — never a 5xx or a hang — and the
-engine keeps serving. `RLVRX_FUZZ_EXAMPLES` raises the bound for a longer run."""
+"""Fuzzed requests against the live server: whatever the body, the answer is a well-formed
+response or an OpenAI-format 4xx — never a 5xx or a hang — and the engine keeps serving.
+
+Two generators: Hypothesis bodies over a fixed list of fields (JSON scalars, lists, objects,
+NaN/±inf literals; `RLVRX_FUZZ_EXAMPLES` raises the bound), and schemathesis bodies from the
+server's own /openapi.json, which publishes the extrapolation fields (`benchmarks/fuzz.py`
+is the longer run of the latter)."""
 
 import json
 import os
+import urllib.request
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks import fuzz
+from server.engine import settings as settings_mod
 from tests.test_hardening import post, serves_normally
 
 EXAMPLES = int(os.environ.get("RLVRX_FUZZ_EXAMPLES", "150"))
@@ -56,6 +64,28 @@ def test_fuzzed_requests_never_get_a_5xx(live_server, body, chat):
         assert response["error"]["message"] and response["error"]["type"], response
     else:
         assert response["choices"], response
+
+
+def test_openapi_schema_publishes_the_extrapolation_fields(live_server):
+    schema = json.loads(urllib.request.urlopen(live_server[0] + "/openapi.json", timeout=30).read())
+    for route in fuzz.ROUTES:
+        ref = schema["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        request = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        fields = request["properties"]
+        assert request["additionalProperties"] is False
+        assert set(fields["extrapolation"]["anyOf"][0]["properties"]) == set(settings_mod.FIELDS)
+        assert [fields["gamma"]["minimum"], fields["gamma"]["maximum"]] == list(settings_mod.GAMMA_RANGE)
+        assert fields["generator"]["enum"] == list(settings_mod.GENERATORS)
+        assert fields["selection"]["enum"] == list(settings_mod.SELECTIONS)
+        assert fields["candidates"]["maximum"] > 0 and fields["tau"]["default"] == settings_mod.Extrapolation().tau
+
+
+@pytest.mark.parametrize("mode,examples", [("positive", 300), ("negative", 200)])
+def test_schema_generated_requests_never_get_a_5xx(live_server, mode, examples):
+    """Schemathesis: bodies valid under the published schema, and bodies that break it."""
+    statuses, _ = fuzz.fuzz(live_server[0], live_server[1], examples, mode)
+    assert sum(statuses.values()) == examples
+    assert mode == "negative" or statuses[200] > 0
 
 
 def test_server_serves_after_the_fuzz(live_server):

@@ -20,6 +20,7 @@ LONG_PROMPT = "hello " * 600
 BAD = [
     ("/v1/chat/completions", b"hello", None),
     ("/v1/chat/completions", b'{"model": "toy", "messages": [{"role": "us', None),
+    ("/v1/chat/completions", b"\x00\x00\x00\x00\x00", None),  # not text: FastAPI's own format, before
     ("/v1/chat/completions", json.dumps({"model": "toy", "messages": "hi"}), "messages"),
     ("/v1/chat/completions", json.dumps({"model": "toy", "messages": []}), "messages"),
     ("/v1/chat/completions", json.dumps({"model": "nope", "messages": HI}), "model"),
@@ -38,6 +39,7 @@ BAD = [
     ("/v1/completions", '{"model": "toy", "prompt": "hi", "gamma": Infinity}', "gamma"),
     ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "candidates": "all"}), "candidates"),
     ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "generator": None}), "generator"),
+    ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "structured_outputs": "x"}), "structured_outputs"),
 ]
 
 

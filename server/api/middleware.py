@@ -11,11 +11,13 @@ On /v1/chat/completions and /v1/completions it:
   carries `usage`, adds `extrapolated_tokens` and `extrapolation_rate` to it
   (JSON responses, and the usage chunk of streams with `include_usage`);
 * echoes the model name as requested (`<name>:rl` stays `<name>:rl`; vLLM would
-  answer with the first served name).
+  answer with the first served name);
+* at start-up, adds the fields to the app's OpenAPI schema (`server.api.openapi`).
 
 Its configuration is `args.rlvrx` on the app state, set by `rlvrx serve`.
 """
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from starlette.datastructures import Headers
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from server.api import metrics
+from server.api import metrics, openapi
 from server.api.errors import error_body, send_json
 from server.engine import settings as settings_mod
 from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
@@ -48,27 +50,40 @@ class ApiConfig:
     max_n: int = 256  # most choices (`n`) one request may ask for
 
 
-def known_fields(path: str) -> set[str]:
-    """The request fields vLLM's OpenAI server understands on `path`, plus ours."""
-    if path not in _KNOWN_FIELDS:
-        if path == "/v1/chat/completions":
-            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
-        else:
-            from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
-        _KNOWN_FIELDS[path] = set(request_cls.model_fields) | EXTRAPOLATION_FIELDS
-    return _KNOWN_FIELDS[path]
+@functools.cache
+def request_fields(path: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The request fields vLLM's OpenAI server understands on `path`, and those of them that
+    take only an object (or null)."""
+    if path == "/v1/chat/completions":
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
+    else:
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest as request_cls
+    schema = request_cls.model_json_schema()
 
+    def types(node: dict) -> set[str]:  # the JSON types a schema node admits
+        if "$ref" in node:
+            return types(schema["$defs"][node["$ref"].rsplit("/", 1)[1]])
+        if alternatives := node.get("anyOf") or node.get("oneOf"):
+            return set().union(*map(types, alternatives))
+        kind = node.get("type", "any")
+        return set(kind) if isinstance(kind, list) else {kind}
 
-_KNOWN_FIELDS: dict[str, set[str]] = {}
+    fields = schema["properties"]
+    return frozenset(fields), frozenset(name for name, node in fields.items() if types(node) <= {"object", "null"})
 
 
 def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None:
-    """Refuse what vLLM would silently ignore or accept too generously (SettingsError → 400)."""
-    unknown = sorted(set(payload) - known_fields(path))
+    """Refuse what vLLM would silently ignore, accept too generously, or answer with a 500
+    (SettingsError → 400)."""
+    fields, objects = request_fields(path)
+    unknown = sorted(set(payload) - fields - EXTRAPOLATION_FIELDS)
     if unknown:
         raise settings_mod.SettingsError(unknown[0], f"unknown field '{unknown[0]}'")
-    if payload.get("vllm_xargs") is not None and not isinstance(payload["vllm_xargs"], dict):
-        raise settings_mod.SettingsError("vllm_xargs", "'vllm_xargs' must be an object")
+    # vLLM's request models read some of these (vllm_xargs, structured_outputs) as mappings
+    # before checking their type: a 500 for a string or a number.
+    for field in sorted(objects & set(payload)):
+        if payload[field] is not None and not isinstance(payload[field], dict):
+            raise settings_mod.SettingsError(field, f"'{field}' must be an object")
     n = payload.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > config.max_n:
         raise settings_mod.SettingsError("n", f"'n' must be at most {config.max_n}, got {n}")
@@ -128,10 +143,10 @@ class ExtrapolationMiddleware:
         return self.auth.verify_token(Headers(scope=scope))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
         config: ApiConfig | None = getattr(scope["app"].state.args, "rlvrx", None)
-        if config is None:
+        if config is not None and scope["type"] == "lifespan":
+            openapi.extend(scope["app"], ROUTES, config.defaults, config.vocab_size)
+        if config is None or scope["type"] != "http":
             return await self.app(scope, receive, send)
         if not self.authorized(scope, config):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
@@ -141,9 +156,9 @@ class ExtrapolationMiddleware:
         body = await read_body(receive)
         try:
             payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):  # let vLLM answer malformed bodies its own way
+        except ValueError as exc:  # vLLM answers some of these (bytes that are not text) outside OpenAI's format
+            return await send_json(send, 400, error_body(f"the request body is not valid JSON: {exc}", None))
+        if not isinstance(payload, dict):  # let vLLM answer other malformed bodies its own way
             return await self.app(scope, replay(body, receive), send)
         try:
             check_request(payload, scope["path"], config)

@@ -1,0 +1,67 @@
+"""The extrapolation request fields in the server's OpenAPI schema (`/openapi.json`).
+
+vLLM's FastAPI app documents its request models; the fields that the middleware reads
+(`server.api.middleware`) are added to the request schemas of /v1/chat/completions and
+/v1/completions, top level and grouped under `extrapolation`, with the ranges and choices of
+`server.engine.settings` and the server's defaults. The middleware refuses unknown fields,
+so the two schemas say so (`additionalProperties: false`).
+"""
+
+import math
+from typing import Any
+
+from server.engine import settings as settings_mod
+
+DESCRIPTIONS = {
+    "gamma": "Extrapolation strength γ: an extrapolated token is drawn from (1+γ)·log π_RL − γ·log π_Base.",
+    "tau": "Threshold τ of the selection criterion. delta_logp: the proposed token is kept when its "
+           "Δlog p = log π_RL − log π_Base is above τ; entropy: a position is extrapolated when the generator's "
+           "entropy (nats) is at least τ; random: τ is the probability, in [0, 1], of extrapolating a position. "
+           "null or \"inf\" is +∞, \"-inf\" is −∞.",
+    "generator": "The model that proposes tokens.",
+    "candidates": "k: an extrapolated token is drawn from the generator's top-k tokens by raw logit "
+                  "(0 = the whole vocabulary).",
+    "selection": "What flags a position for extrapolation: delta_logp (the paper's rule), entropy or random.",
+}
+
+
+def field_schemas(defaults: settings_mod.Extrapolation, vocab_size: int) -> dict[str, dict[str, Any]]:
+    """JSON schemas of the request fields, keyed as `settings.FIELDS`."""
+    lo, hi = settings_mod.GAMMA_RANGE
+    infinities = [settings_mod.tau_json(math.inf), settings_mod.tau_json(-math.inf)]
+    types = {
+        "gamma": {"type": "number", "minimum": lo, "maximum": hi},
+        "tau": {"anyOf": [{"type": "number"}, {"type": "string", "enum": infinities}, {"type": "null"}]},
+        "generator": {"type": "string", "enum": list(settings_mod.GENERATORS)},
+        "candidates": {"type": "integer", "minimum": 0, "maximum": vocab_size},
+        "selection": {"type": "string", "enum": list(settings_mod.SELECTIONS)},
+    }
+    default = defaults.as_xargs()
+    return {field: {**types[field], "title": field.capitalize(), "description": DESCRIPTIONS[field],
+                    "default": default[field]} for field in settings_mod.FIELDS}
+
+
+def add_fields(schema: dict[str, Any], routes: tuple[str, ...], defaults: settings_mod.Extrapolation,
+               vocab_size: int) -> None:
+    """Add the fields to the request schema of each of `routes` in an OpenAPI document."""
+    fields = field_schemas(defaults, vocab_size)
+    grouped = {"anyOf": [{"type": "object", "properties": fields, "additionalProperties": False}, {"type": "null"}],
+               "title": "Extrapolation",
+               "description": "The same fields grouped; a field may not be given both here and at the top level."}
+    for route in routes:
+        ref = schema["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        request = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        request["properties"].update({**fields, "extrapolation": grouped})
+        request["additionalProperties"] = False
+
+
+def extend(app, routes: tuple[str, ...], defaults: settings_mod.Extrapolation, vocab_size: int) -> None:
+    """Make the app's `openapi()` (what /openapi.json serves) include the fields."""
+    vllm_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = vllm_openapi()  # built once and cached by FastAPI; adding the fields again changes nothing
+        add_fields(schema, routes, defaults, vocab_size)
+        return schema
+
+    app.openapi = openapi
