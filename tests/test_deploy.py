@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 
-from server.cli import our_parser
+from server.cli import DEFAULT_SHUTDOWN_TIMEOUT, our_parser
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -79,8 +79,13 @@ def test_kubernetes_manifests_validate(overlay):
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     container = pod["spec"]["containers"][0]
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    for probe in ("readinessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
+    # A draining server answers /health with 503: liveness must not kill it mid-drain.
+    assert container["livenessProbe"]["tcpSocket"]["port"] == "http"
+    drain = next((int(a.split("=")[1]) for a in container["args"] if a.startswith("--shutdown-timeout=")),
+                 DEFAULT_SHUTDOWN_TIMEOUT)
+    assert pod["spec"]["terminationGracePeriodSeconds"] > drain
     ours, vllm_args = our_parser().parse_known_args(["serve", *container["args"]])
     assert ours.rl == "/models/rl" and ours.base == "/models/base"
     gpus = container["resources"]["limits"]["nvidia.com/gpu"]
