@@ -31,6 +31,7 @@ Our own client measures every system (the two-engine baseline has no HTTP server
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     for _ in range(300):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -79,11 +81,22 @@ def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started by `start` and wait until its whole process group (vLLM's engine
+    processes outlive the API server for a few seconds) has exited, so that the next system
+    is measured on idle cores."""
     proc.terminate()
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+    for _ in range(60):
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def prompts(count: int, style: str) -> list[str]:
