@@ -25,14 +25,13 @@ from transformers.generation.streamers import BaseStreamer
 from kernels import RowSettings, combine
 
 
-def paper_settings(rows: int, gamma: float, tau: float, temperature: float, top_p: float,
-                   generator: str = "base", candidates: int = 50) -> RowSettings:
-    """The same settings for `rows` rows (the paper's generator base, k = 50 unless given)."""
+def paper_settings(rows: int, gamma: float, tau: float, temperature: float, top_p: float) -> RowSettings:
+    """The same settings for `rows` rows, with the paper's generator (base) and k = 50."""
     def full(value, dtype):
         return torch.full((rows,), value, dtype=dtype)
 
     return RowSettings(gamma=full(gamma, torch.float32), tau=full(tau, torch.float32),
-                       use_base=full(generator == "base", torch.bool), candidates=full(candidates, torch.int64),
+                       use_base=full(True, torch.bool), candidates=full(50, torch.int64),
                        temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32))
 
 
