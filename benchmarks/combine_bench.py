@@ -33,11 +33,9 @@ from kernels import RowSettings, rule  # noqa: E402
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # the Triton interpreter's inf arithmetic
 
 
-def paper_settings(rows: int, device: str, temperature: float = 1.0) -> RowSettings:
-    full = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=device)  # noqa: E731
-    return RowSettings(gamma=full(0.05, torch.float32), tau=full(-0.3, torch.float32),
-                       use_base=full(True, torch.bool), candidates=full(50, torch.int64),
-                       temperature=full(temperature, torch.float32), top_p=full(0.7, torch.float32))
+def paper_settings(rows: int, device: str) -> RowSettings:
+    return RowSettings.uniform(rows, gamma=0.05, tau=-0.3, generator="base", candidates=50, temperature=1.0,
+                               top_p=0.7, device=device)
 
 
 def mixed_settings(rows: int, device: str, seed: int) -> RowSettings:

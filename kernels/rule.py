@@ -48,6 +48,17 @@ class RowSettings:
     top_p: torch.Tensor  # float32 in (0, 1]
     selection: torch.Tensor | None = None  # int64 SELECTION codes; None = Δlog p on every row
 
+    @classmethod
+    def uniform(cls, rows: int, gamma: float, tau: float, generator: str, candidates: int, temperature: float,
+                top_p: float, device: torch.device | str = "cpu") -> "RowSettings":
+        """The same settings on every one of `rows` rows (Δlog p selection)."""
+        def full(value, dtype):
+            return torch.full((rows,), value, dtype=dtype, device=device)
+
+        return cls(gamma=full(gamma, torch.float32), tau=full(tau, torch.float32),
+                   use_base=full(generator == "base", torch.bool), candidates=full(candidates, torch.int64),
+                   temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32))
+
     def select(self, rows: torch.Tensor) -> "RowSettings":
         """The settings of a subset of rows (an index tensor)."""
         picked = {f: getattr(self, f).index_select(0, rows) for f in _FIELDS}

@@ -29,7 +29,7 @@ def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkey
     import torch
 
     from benchmarks.baselines import transformers_generate as hf
-    from kernels import combine
+    from kernels import RowSettings, combine
 
     base_path, rl_path = toy_pairs["llama"]
     baseline = hf.TransformersGenerateBaseline(str(rl_path), str(base_path))
@@ -51,7 +51,7 @@ def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkey
     assert all(len(r["itl_s"]) == max_tokens - 1 and 0 < r["ttft_s"] <= r["e2e_s"] for r in records)
     assert len(steps) == max_tokens
     eos = baseline.rl.generation_config.eos_token_id
-    settings = hf.paper_settings(1, gamma=0.5, tau=0.0, temperature=1.0, top_p=0.7)
+    settings = RowSettings.uniform(1, gamma=0.5, tau=0.0, generator="base", candidates=50, temperature=1.0, top_p=0.7)
     extrapolated = 0
     for input_ids, scores, out in steps:
         for row, prompt in enumerate(prompts):

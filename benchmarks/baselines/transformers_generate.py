@@ -25,16 +25,6 @@ from transformers.generation.streamers import BaseStreamer
 from kernels import RowSettings, combine
 
 
-def paper_settings(rows: int, gamma: float, tau: float, temperature: float, top_p: float) -> RowSettings:
-    """The same settings for `rows` rows, with the paper's generator (base) and k = 50."""
-    def full(value, dtype):
-        return torch.full((rows,), value, dtype=dtype)
-
-    return RowSettings(gamma=full(gamma, torch.float32), tau=full(tau, torch.float32),
-                       use_base=full(True, torch.bool), candidates=full(50, torch.int64),
-                       temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32))
-
-
 class BaseModelProcessor(LogitsProcessor):
     """Turns the RL scores of each step into log q, running the base model incrementally.
 
@@ -98,7 +88,8 @@ class TransformersGenerateBaseline:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        processor = BaseModelProcessor(self.base, mask, paper_settings(len(prompts), gamma, tau, temperature, top_p))
+        processor = BaseModelProcessor(self.base, mask, RowSettings.uniform(
+            len(prompts), gamma, tau, "base", 50, temperature, top_p))
         config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
                                   min_new_tokens=max_tokens, pad_token_id=pad)
         torch.manual_seed(seed)
