@@ -54,7 +54,9 @@ def post(url: str, path: str, body: bytes | str, timeout: float = 60):
 
 
 def serves_normally(url: str) -> bool:
-    status, body = post(url, "/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "max_tokens": 2}))
+    # ignore_eos: a sampled end-of-sequence token would end the answer early without anything being wrong.
+    status, body = post(url, "/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "max_tokens": 2,
+                                                            "ignore_eos": True}))
     return status == 200 and body["usage"]["completion_tokens"] == 2
 
 
