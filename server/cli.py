@@ -9,6 +9,7 @@ middleware, and three served names: `<name>`, `<name>:rl`, `<name>:base`.
 
 import argparse
 import atexit
+import errno
 import json
 import math
 import os
@@ -51,6 +52,8 @@ def our_parser() -> argparse.ArgumentParser:
     serve.add_argument("--candidates", type=int, default=defaults.candidates, help="default top-k of the extrapolated draw; 0 = all")
     serve.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
     serve.add_argument("--max-n", type=int, default=256, help="most choices (n) one request may ask for")
+    serve.add_argument("--allow-custom-roles", action="store_true",
+                       help="pass chat roles OpenAI does not have to the chat template (default: refuse them)")
     demo = sub.add_parser("demo", help="train the demo pair (3-digit addition: SFT base, GRPO child)")
     demo.add_argument("--out", default="models/demo")
     demo.add_argument("--alpha", type=float, default=0.0, help="training-time reweighting α (0: plain GRPO)")
@@ -88,6 +91,24 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def port_in_use(args: argparse.Namespace) -> str:
+    return f"{args.host or '0.0.0.0'} port {args.port} is already in use (another server? choose one with --port)"
+
+
+def check_listen_address(args: argparse.Namespace) -> None:
+    """Fail now, before the engine starts, if vLLM will not be able to bind its address (it binds
+    the same way, and only then starts the engine)."""
+    from vllm.entrypoints.launchers.launcher import create_server_socket
+
+    if args.uds:
+        return
+    try:
+        create_server_socket((args.host or "", args.port), reuse_port=False).close()
+    except OSError as exc:
+        fail(port_in_use(args) if exc.errno == errno.EADDRINUSE
+             else f"cannot listen on {args.host or '0.0.0.0'} port {args.port}: {exc.strerror or exc}")
+
+
 def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     # This run's files, removed at exit: prometheus-client's multiprocess folder (set before
     # anything imports prometheus-client: the engine's metrics, server.engine.metrics, reach
@@ -123,6 +144,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from server.api.middleware import ApiConfig
+    from server.engine.stats import ENV as STATS_ENV
     from server.engine.stats import StatsTable
 
     cli_env_setup()
@@ -133,6 +155,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
         args.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
     if args.api_server_count not in (None, 1):
         fail("--api-server-count must be 1: run more replicas behind a load balancer instead")
+    if args.pipeline_parallel_size > 1:
+        fail("--pipeline-parallel-size must be 1: the pair's wrapper model has no pipeline stages "
+             "(use --tensor-parallel-size)")
+    check_listen_address(args)
     for key, value in pair.items():
         setattr(args, key, value)
     name = (args.served_model_name or [Path(ours.rl).resolve().name])[0]
@@ -141,10 +167,12 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     validate_parsed_serve_args(args)
     settings_mod.set_server_defaults(defaults)
 
-    vocab_size = json.loads((Path(ours.rl) / "config.json").read_text())["vocab_size"]
+    vocab_size = json.loads((Path(pair["model"]) / "config.json").read_text())["vocab_size"]
     stats = StatsTable.create()
+    os.environ[STATS_ENV] = stats.path  # the one table the engine writes to (its processes inherit this)
     args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name,
-                           protect_metrics=ours.protect_metrics, max_n=ours.max_n)
+                           protect_metrics=ours.protect_metrics, max_n=ours.max_n,
+                           allow_custom_roles=ours.allow_custom_roles)
     tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")
     print(f"rlvrx: serving {name} (extrapolated: gamma={defaults.gamma} tau={tau} generator={defaults.generator} "
           f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)
@@ -153,6 +181,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     except (ValueError, RuntimeError) as exc:  # vLLM's config checks (pydantic's ValidationError is a ValueError)
         # or a failure in its engine processes, whose cause they recorded
         fail(f"vLLM refused to start: {startup_error.read(error_file) or startup_error.first_message(exc)}")
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        fail(port_in_use(args))  # taken since check_listen_address: vLLM binds before starting the engine
     finally:
         stats.remove()
 

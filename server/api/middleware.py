@@ -1,7 +1,13 @@
 """ASGI middleware that adds the extrapolation surface to vLLM's OpenAI server.
 
-On /v1/chat/completions and /v1/completions it:
+On every POST it removes the processor's private keys (`_rlvrx…`) from the body, wherever
+they are (`vllm_xargs` of every route that takes one, `sampling_params.extra_args`, …): only
+the middleware sets them, so no client value reaches the engine under them.
 
+On /v1/chat/completions and /v1/completions it also:
+
+* refuses unknown fields (those of OpenAI's documented request are known) and chat roles
+  OpenAI does not have (unless `--allow-custom-roles`);
 * reads the first-class request fields `gamma`, `tau`, `generator`, `candidates`
   (top level, or grouped under `extrapolation`) and the preset in the model name
   (`<name>:rl`, `<name>:base`), validates them, merges them over the server's defaults
@@ -14,7 +20,8 @@ On /v1/chat/completions and /v1/completions it:
   answer with the first served name);
 * at start-up, adds the fields to the app's OpenAPI schema (`server.api.openapi`).
 
-Its configuration is `args.rlvrx` on the app state, set by `rlvrx serve`.
+Its configuration is `args.rlvrx` on the app state, set by `rlvrx serve`. Paths are matched
+as Starlette's router matches them, under `--root-path` too.
 """
 
 import functools
@@ -23,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
@@ -30,12 +38,15 @@ from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddlew
 from server.api import metrics, openapi
 from server.api.errors import error_body, send_json
 from server.engine import settings as settings_mod
-from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
+from server.engine import metrics as engine_metrics
+from server.engine import stats as stats_mod
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 EXTRAPOLATION_FIELDS = {*settings_mod.FIELDS, "extrapolation"}
 PRESET_SUFFIXES = {":rl": "rl", ":base": "base"}
 PRIVATE_PREFIX = "_rlvrx"
+# The roles of OpenAI's chat message types (openai.types.chat.ChatCompletionMessageParam).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 @dataclass
@@ -48,12 +59,24 @@ class ApiConfig:
     served_name: str
     protect_metrics: bool = False  # /metrics needs the API key too
     max_n: int = 256  # most choices (`n`) one request may ask for
+    allow_custom_roles: bool = False  # chat roles beyond CHAT_ROLES go to the chat template
+
+
+@functools.cache
+def openai_fields(path: str) -> frozenset[str]:
+    """The fields of OpenAI's documented request on `path` (chat or legacy completions), as the
+    `openai` SDK that vLLM depends on types them. vLLM ignores those its request model lacks."""
+    if path == "/v1/chat/completions":
+        from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming as params
+    else:
+        from openai.types.completion_create_params import CompletionCreateParamsStreaming as params
+    return params.__required_keys__ | params.__optional_keys__
 
 
 @functools.cache
 def request_fields(path: str) -> tuple[frozenset[str], frozenset[str]]:
-    """The request fields vLLM's OpenAI server understands on `path`, and those of them that
-    take only an object (or null)."""
+    """The request fields accepted on `path` (vLLM's and OpenAI's), and those of vLLM's that take
+    only an object (or null)."""
     if path == "/v1/chat/completions":
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as request_cls
     else:
@@ -69,7 +92,8 @@ def request_fields(path: str) -> tuple[frozenset[str], frozenset[str]]:
         return set(kind) if isinstance(kind, list) else {kind}
 
     fields = schema["properties"]
-    return frozenset(fields), frozenset(name for name, node in fields.items() if types(node) <= {"object", "null"})
+    objects = frozenset(name for name, node in fields.items() if types(node) <= {"object", "null"})
+    return frozenset(fields) | openai_fields(path), objects
 
 
 def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None:
@@ -89,6 +113,41 @@ def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None
         raise settings_mod.SettingsError("n", f"'n' must be at most {config.max_n}, got {n}")
     if path == "/v1/chat/completions" and payload.get("messages") == []:
         raise settings_mod.SettingsError("messages", "'messages' must contain at least one message")
+    if path == "/v1/chat/completions" and not config.allow_custom_roles:
+        check_roles(payload.get("messages"))
+
+
+def check_roles(messages: Any) -> None:
+    """Refuse a chat role OpenAI does not have (a template would render it as it pleases)."""
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        role = message.get("role") if isinstance(message, dict) else None
+        if isinstance(role, str) and role not in CHAT_ROLES:
+            field = f"messages[{i}].role"
+            raise settings_mod.SettingsError(field, f"'{field}' must be one of {list(CHAT_ROLES)}, got {role!r}")
+
+
+def strip_private(payload: Any) -> bool:
+    """Remove every key with the private prefix from a parsed JSON body, at any depth; True if
+    there was one. (Iterative: json.loads takes bodies nested as deep as the recursion limit.)"""
+    stack, found = [payload], False
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in [k for k in node if isinstance(k, str) and k.startswith(PRIVATE_PREFIX)]:
+                del node[key]
+                found = True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def parse_json(body: bytes) -> Any:
+    """The body parsed as Starlette's `Request.json()` parses it (ValueError when it is not JSON)."""
+    try:
+        return json.loads(body)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
 
 
 def request_settings(payload: dict[str, Any], config: ApiConfig) -> settings_mod.Extrapolation:
@@ -123,7 +182,7 @@ def request_settings(payload: dict[str, Any], config: ApiConfig) -> settings_mod
 class ExtrapolationMiddleware:
     def __init__(self, app):
         self.app = app
-        self.stats: StatsTable | None = None
+        self.stats: stats_mod.StatsTable | None = None
         self.auth: AuthenticationMiddleware | None = None
 
     def authorized(self, scope, config: ApiConfig) -> bool:
@@ -131,7 +190,7 @@ class ExtrapolationMiddleware:
         --protect-metrics): a refused request gets an OpenAI-format 401 before anything else."""
         if scope.get("method") == "OPTIONS":
             return True
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        path = get_route_path(scope)
         if path == "/health" or (path.startswith("/metrics") and not config.protect_metrics):
             return True
         args = scope["app"].state.args
@@ -145,34 +204,56 @@ class ExtrapolationMiddleware:
     async def __call__(self, scope, receive, send):
         config: ApiConfig | None = getattr(scope["app"].state.args, "rlvrx", None)
         if config is not None and scope["type"] == "lifespan":
-            openapi.extend(scope["app"], ROUTES, config.defaults, config.vocab_size)
+            openapi.extend(scope["app"], {route: openai_fields(route) for route in ROUTES}, config.defaults,
+                           config.vocab_size)
         if config is None or scope["type"] != "http":
             return await self.app(scope, receive, send)
         if not self.authorized(scope, config):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
             return await send_json(send, 401, error_body(message, None, 401, "AuthenticationError"))
-        if scope["method"] != "POST" or scope["path"] not in ROUTES:
+        if scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        # The path Starlette's router matches: without --root-path's prefix
+        path = get_route_path(scope)
         body = await read_body(receive)
+        if path not in ROUTES:
+            return await self.app(scope, replay(without_private_keys(body), receive), send)
         try:
-            payload = json.loads(body)
+            payload = parse_json(body)
         except ValueError as exc:  # vLLM answers some of these (bytes that are not text) outside OpenAI's format
             return await send_json(send, 400, error_body(f"the request body is not valid JSON: {exc}", None))
         if not isinstance(payload, dict):  # let vLLM answer other malformed bodies its own way
             return await self.app(scope, replay(body, receive), send)
+        strip_private(payload)
         try:
-            check_request(payload, scope["path"], config)
+            check_request(payload, path, config)
             found = request_settings(payload, config)
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
         labels = (config.served_name, found.label)
         metrics.observe_request(*labels, found)
         if self.stats is None:
-            self.stats = StatsTable(config.stats_path)
+            self.stats = stats_mod.StatsTable(config.stats_path)
         slot = self.stats.allocate()
-        xargs = {k: v for k, v in (payload.get("vllm_xargs") or {}).items() if not k.startswith(PRIVATE_PREFIX)}
-        payload["vllm_xargs"] = {**xargs, **found.as_xargs(), FILE_KEY: config.stats_path, SLOT_KEY: slot}
-        await self.app(scope, replay(json.dumps(payload).encode(), receive), ResponseRewriter(send, self.stats, slot, payload.get("model"), labels))
+        if slot is None:
+            return await send_json(send, 503, error_body("too many requests in flight; retry later", None, 503,
+                                                         "ServiceUnavailableError"))
+        payload["vllm_xargs"] = {**(payload.get("vllm_xargs") or {}), **found.as_xargs(), **stats_mod.admit(slot)}
+        rewriter = ResponseRewriter(send, self.stats, slot, payload, labels)
+        try:
+            await self.app(scope, replay(json.dumps(payload).encode(), receive), rewriter)
+        finally:
+            self.stats.release(slot)
+
+
+def without_private_keys(body: bytes) -> bytes:
+    """`body` with the private keys removed, when it is JSON; unchanged otherwise (the route
+    refuses it or reads it as something else)."""
+    try:
+        payload = parse_json(body)
+    except ValueError:
+        return body
+    return json.dumps(payload).encode() if strip_private(payload) else body
 
 
 def has_content(data: dict) -> bool:
@@ -209,15 +290,21 @@ def replay(body: bytes, receive):
 
 class ResponseRewriter:
     """Wraps `send`: adds the extrapolation counts to every `usage` object in the
-    response, sets `model` to the name the client asked for, and times the response
-    for the per-preset latency metrics."""
+    response, sets `model` to the name the client asked for, times the response for the
+    per-preset latency metrics, and counts its tokens in the token metrics once its final
+    usage is known (streams always ask vLLM for it; the client sees it only if it asked)."""
 
-    def __init__(self, send, stats: StatsTable, slot: int, model: str | None, labels: tuple[str, str]):
+    def __init__(self, send, stats: stats_mod.StatsTable, slot: int, payload: dict[str, Any], labels: tuple[str, str]):
         self.send = send
         self.stats = stats
         self.slot = slot
-        self.model = model if isinstance(model, str) else None
+        self.model = payload.get("model") if isinstance(payload.get("model"), str) else None
+        self.choices = max(n if isinstance(n, int) else 1 for n in (payload.get("n"), payload.get("best_of")))
         self.labels = labels
+        options = payload.get("stream_options") or {}
+        self.hide_usage = payload.get("stream") is True and not options.get("include_usage")
+        if self.hide_usage:
+            payload["stream_options"] = {**options, "include_usage": True}
         self.started = self.last_content = time.perf_counter()
         self.seen_content = False
         self.streaming = False
@@ -264,7 +351,8 @@ class ResponseRewriter:
         out = b""
         if events:
             for event in (events + b"\n\n").split(b"\n\n")[:-1]:
-                out += self.rewrite_event(event) + b"\n\n"
+                if (rewritten := self.rewrite_event(event)) is not None:
+                    out += rewritten + b"\n\n"
         if not message.get("more_body"):
             out += self.buffer
             self.buffer = b""
@@ -273,12 +361,14 @@ class ResponseRewriter:
         if not message.get("more_body"):
             self.observe_end()
 
-    def rewrite_event(self, event: bytes) -> bytes:
+    def rewrite_event(self, event: bytes) -> bytes | None:
+        """The event as the client gets it; None to leave it out (the usage chunk it did not ask for)."""
         if not event.startswith(b"data: {"):
             return event
-        return b"data: " + self.rewrite_json(event[len(b"data: "):], streamed=True)
+        raw = self.rewrite_json(event[len(b"data: "):], streamed=True)
+        return None if raw is None else b"data: " + raw
 
-    def rewrite_json(self, raw: bytes, streamed: bool = False) -> bytes:
+    def rewrite_json(self, raw: bytes, streamed: bool = False) -> bytes | None:
         try:
             data = json.loads(raw)
         except ValueError:
@@ -291,8 +381,16 @@ class ResponseRewriter:
             data["model"] = self.model
         usage = data.get("usage")
         if isinstance(usage, dict):
-            extrapolated = self.stats.read(self.slot)
             generated = usage.get("completion_tokens") or 0
+            extrapolated = self.stats.kept(self.slot, generated, self.choices)
             usage["extrapolated_tokens"] = round(extrapolated, 4)
             usage["extrapolation_rate"] = round(extrapolated / generated, 6) if generated else 0.0
+            final = not streamed or data.get("choices") == []
+            if final:
+                engine_metrics.GENERATED_TOKENS.labels(*self.labels).inc(generated)
+                engine_metrics.EXTRAPOLATED_TOKENS.labels(*self.labels).inc(extrapolated)
+            if self.hide_usage:
+                if final:
+                    return None
+                del data["usage"]
         return json.dumps(data, separators=(",", ":")).encode()

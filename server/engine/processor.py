@@ -16,13 +16,14 @@ base row (the difference against an unedited copy), so both models see one reque
 """
 
 import math
+import os
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm import SamplingParams
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -30,11 +31,14 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from kernels import GREEDY_EPS, SELECTION, RowSettings, combine
 from server.engine import metrics
 from server.engine import settings as settings_mod
-from server.engine.stats import FILE_KEY, SLOT_KEY, StatsTable
+from server.engine import stats
 from server.engine.step import STEP
 
 TEMPERATURE_KEY = "_rlvrx_temperature"
 TOP_P_KEY = "_rlvrx_top_p"
+# The private extra_args keys: written at admission (the API server's middleware and
+# validate_params, in one process), never taken from a client.
+PRIVATE_KEYS = (stats.SLOT_KEY, stats.ADMISSION_KEY, TEMPERATURE_KEY, TOP_P_KEY)
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,12 @@ class RowState:
     settings: settings_mod.Extrapolation
     temperature: float
     top_p: float
-    stats_file: str | None
     stats_slot: int | None
     edits_logits: bool  # vLLM edits this row's RL logits before the processor
     output_ids: list[int]  # vLLM's running list of the request's generated tokens
+    # [output position, M] last written to the stats slot: a position sampled again (a prompt
+    # prefilled in chunks) replaces its value instead of adding to it.
+    written: list[float] = field(default_factory=lambda: [-1, 0.0])
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,19 @@ class BatchPlan:
     ext_all: bool  # every row of the batch extrapolates, in order
     base_rows: torch.Tensor | None  # rows of the base pass-through
     settings: RowSettings | None  # settings of ext_rows, in that order
-    stats: list[tuple[int, str, int]]  # (position in ext_rows, file, slot)
-    rows_per_label: Counter  # rows of each metrics label (extrapolated, rl, base)
+    states: list[RowState]  # every row of the batch, in order
     ext_states: list[RowState]  # the states of ext_rows, in that order
+
+
+@dataclass(frozen=True)
+class SampledStep:
+    """One step's rows, settled at the next step once vLLM has kept (or thrown away) their tokens."""
+
+    states: list[RowState]
+    lengths: list[int]  # len(output_ids) of each row when it was sampled
+    ext_position: list[int | None]  # each row's index in the step's extrapolated rows
+    prob: list[float]  # M of each extrapolated row
+    delta: torch.Tensor | None  # Δlog p rows of the extrapolated rows
 
 
 def read_settings(params: SamplingParams, defaults: settings_mod.Extrapolation = settings_mod.Extrapolation()
@@ -67,6 +83,24 @@ def read_settings(params: SamplingParams, defaults: settings_mod.Extrapolation =
         return settings_mod.parse(params.extra_args, defaults)
     except settings_mod.SettingsError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.field, value=(params.extra_args or {}).get(exc.field)) from None
+
+
+def check_private(args: dict) -> None:
+    """Private keys pass only with this server's admission token and well-formed values: a
+    client that sends one (on any route) gets a 400, never an engine that fails on it."""
+    private = [k for k in args if isinstance(k, str) and k.startswith(stats.PRIVATE_PREFIX)]
+    if not private:
+        return
+    if args.get(stats.ADMISSION_KEY) != stats.ADMISSION_TOKEN or any(k not in PRIVATE_KEYS for k in private):
+        key = next((k for k in private if k != stats.ADMISSION_KEY), private[0])
+        raise VLLMValidationError(f"'vllm_xargs.{key}' is reserved for the server", parameter=f"vllm_xargs.{key}")
+    slot = args.get(stats.SLOT_KEY)
+    if slot is not None and (not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < stats.SLOTS):
+        raise VLLMValidationError(f"bad statistics slot {slot!r}", parameter=f"vllm_xargs.{stats.SLOT_KEY}")
+    for key, low in ((TEMPERATURE_KEY, 0.0), (TOP_P_KEY, 1e-9)):
+        value = args.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= (1 if key == TOP_P_KEY else math.inf):
+            raise VLLMValidationError(f"bad value {value!r}", parameter=f"vllm_xargs.{key}")
 
 
 def edits_logits(params: SamplingParams) -> bool:
@@ -80,10 +114,12 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         """Check the settings and write them out in full (missing fields take the server's
         defaults), so the engine process needs no defaults; for extrapolating requests, take
         over temperature and top-p."""
+        check_private(params.extra_args or {})
         found = read_settings(params, settings_mod.server_defaults())
         args = {**(params.extra_args or {}), **found.as_xargs()}
         if found.passthrough is None and TEMPERATURE_KEY not in args:
-            args.update({TEMPERATURE_KEY: params.temperature, TOP_P_KEY: params.top_p})
+            args.update({TEMPERATURE_KEY: params.temperature, TOP_P_KEY: params.top_p,
+                         stats.ADMISSION_KEY: stats.ADMISSION_TOKEN})
             if params.temperature >= GREEDY_EPS:
                 params.temperature = 1.0
             params.top_p = 1.0
@@ -93,31 +129,42 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         self.device = device
         self.rows: dict[int, RowState] = {}
         self.plan: BatchPlan | None = None
-        self.tables: dict[str, StatsTable | None] = {}
         names = vllm_config.model_config.served_model_name
         self.model_name = names[0] if isinstance(names, (list, tuple)) else str(names)
-        # Δ rows of the last step's extrapolated rows, read once their sampled token is known.
-        self.pending_delta: tuple[torch.Tensor, list[tuple[int, list[int], int]]] | None = None
+        # Every tensor-parallel rank runs this processor on the same rows; only the first records.
+        self.records = get_tensor_model_parallel_rank() == 0
+        self.table = self.open_table() if self.records else None
+        self.sampled: SampledStep | None = None  # the last step's rows, settled at the next step
+
+    @staticmethod
+    def open_table() -> stats.StatsTable | None:
+        # Named by `rlvrx serve` in the environment rather than the model config: a path in the
+        # config would change vLLM's compile-cache key at every start.
+        path = os.environ.get(stats.ENV)
+        if not path:
+            return None
+        try:
+            return stats.StatsTable(path)
+        except (OSError, ValueError):  # engine on another host: the API server's table is not here
+            return None
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        self.observe_emitted_delta()
         if process_dict_updates(self.rows, batch_update, self.new_row):
             self.plan = None
             STEP.keep_rl_raw = any(row.edits_logits for row in self.rows.values())
 
     @staticmethod
     def new_row(params: SamplingParams, prompt_ids, output_ids) -> RowState:
+        """A row's state from extra_args as admission (validate_params) wrote them."""
         args = params.extra_args or {}
-        slot = args.get(SLOT_KEY)
         return RowState(
             settings=read_settings(params),
             temperature=float(args.get(TEMPERATURE_KEY, params.temperature)),
             top_p=float(args.get(TOP_P_KEY, params.top_p)),
-            stats_file=args.get(FILE_KEY) if slot is not None else None,
-            stats_slot=int(slot) if slot is not None else None,
+            stats_slot=args.get(stats.SLOT_KEY),
             edits_logits=edits_logits(params),
             output_ids=output_ids,
         )
@@ -125,16 +172,16 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
     def build_plan(self, num_rows: int) -> BatchPlan:
         ext = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough is None)
         base = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough == "base")
-        states = [self.rows[i] for i in ext]
+        ext_states = [self.rows[i] for i in ext]
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-        selection = [SELECTION[r.settings.selection] for r in states]
+        selection = [SELECTION[r.settings.selection] for r in ext_states]
         row_settings = RowSettings(
-            gamma=as_tensor([r.settings.gamma for r in states], torch.float32),
-            tau=as_tensor([r.settings.tau for r in states], torch.float32),
-            use_base=as_tensor([r.settings.generator == "base" for r in states], torch.bool),
-            candidates=as_tensor([r.settings.candidates for r in states], torch.int64),
-            temperature=as_tensor([r.temperature for r in states], torch.float32),
-            top_p=as_tensor([r.top_p for r in states], torch.float32),
+            gamma=as_tensor([r.settings.gamma for r in ext_states], torch.float32),
+            tau=as_tensor([r.settings.tau for r in ext_states], torch.float32),
+            use_base=as_tensor([r.settings.generator == "base" for r in ext_states], torch.bool),
+            candidates=as_tensor([r.settings.candidates for r in ext_states], torch.int64),
+            temperature=as_tensor([r.temperature for r in ext_states], torch.float32),
+            top_p=as_tensor([r.top_p for r in ext_states], torch.float32),
             selection=as_tensor(selection, torch.int64) if any(selection) else None,  # None: the fused kernel's path
         ) if ext else None
         return BatchPlan(
@@ -142,26 +189,29 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             ext_all=ext == list(range(num_rows)),
             base_rows=as_tensor(base, torch.int64) if base else None,
             settings=row_settings,
-            stats=[(pos, r.stats_file, r.stats_slot) for pos, r in enumerate(states) if r.stats_slot is not None],
-            rows_per_label=Counter(r.settings.label for i, r in self.rows.items() if i < num_rows),
-            ext_states=states,
+            states=[self.rows[i] for i in range(num_rows) if i in self.rows],
+            ext_states=ext_states,
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.records:
+            self.settle()
         if not self.rows:
             return logits
         started = time.perf_counter()
         if self.plan is None:
             self.plan = self.build_plan(logits.shape[0])
         plan = self.plan
-        for label, count in plan.rows_per_label.items():
-            metrics.GENERATED_TOKENS.labels(self.model_name, label).inc(count)
+        prob, delta = [], None
         if plan.ext_rows is not None or plan.base_rows is not None:
-            logits = self.combine_rows(logits, plan)
-        metrics.COMBINE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
+            logits, prob, delta = self.combine_rows(logits, plan)
+        if self.records:
+            self.record(plan, prob, delta)
+            metrics.COMBINE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
         return logits
 
-    def combine_rows(self, logits: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    def combine_rows(self, logits: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        """The batch's logits with extrapolated and base rows replaced; M and Δlog p of the extrapolated rows."""
         base = STEP.base
         if base is None or base.shape != logits.shape:
             raise RuntimeError(
@@ -174,49 +224,53 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             base = torch.where(logits == -math.inf, -math.inf, base.float() + edits.nan_to_num(0.0))
         if plan.base_rows is not None:
             logits[plan.base_rows] = base[plan.base_rows].float()
-        if plan.ext_rows is not None:
-            if plan.ext_all:
-                logits, prob, delta = combine(logits, base, plan.settings, want_delta=True)
-            else:
-                out, prob, delta = combine(logits[plan.ext_rows], base[plan.ext_rows], plan.settings, want_delta=True)
-                logits[plan.ext_rows] = out
-            self.record(plan, prob)
-            self.pending_delta = (delta, [(pos, r.output_ids, len(r.output_ids)) for pos, r in enumerate(plan.ext_states)])
-        return logits
+        if plan.ext_rows is None:
+            return logits, [], None
+        if plan.ext_all:
+            logits, prob, delta = combine(logits, base, plan.settings, want_delta=True)
+        else:
+            out, prob, delta = combine(logits[plan.ext_rows], base[plan.ext_rows], plan.settings, want_delta=True)
+            logits[plan.ext_rows] = out
+        return logits, prob.tolist(), delta
 
-    def observe_emitted_delta(self) -> None:
-        """Δlog p of the tokens sampled from last step's extrapolated rows, now that vLLM
-        has appended them to the requests' output lists (finished requests included)."""
-        if self.pending_delta is None:
+    def record(self, plan: BatchPlan, prob: list[float], delta: torch.Tensor | None) -> None:
+        """Write M of each extrapolated row with a slot to its output position now (the API
+        server reads the slot as soon as the last token arrives), and keep the step to settle
+        the metrics once the kept tokens are known."""
+        ext_position = {id(state): pos for pos, state in enumerate(plan.ext_states)}
+        for pos, state in enumerate(plan.ext_states):
+            if state.stats_slot is None or self.table is None:
+                continue
+            position, value = len(state.output_ids), prob[pos]
+            if state.written[0] == position:  # sampled again for the same position: replace
+                value -= state.written[1]
+            self.table.add(state.stats_slot, position, value)
+            state.written[:] = [position, prob[pos]]
+        self.sampled = SampledStep(states=plan.states, lengths=[len(s.output_ids) for s in plan.states],
+                                   ext_position=[ext_position.get(id(s)) for s in plan.states], prob=prob, delta=delta)
+
+    def settle(self) -> None:
+        """Metrics of the last step's rows whose token vLLM kept (its output list grew; a
+        non-final chunk of a prompt keeps none): Δlog p of each kept extrapolated token, and
+        the token counts of rows without a stats slot (the API server counts the others from
+        the response, where tokens sampled after a stop are left out too). Runs in `apply`,
+        after async scheduling has replaced the last step's placeholder ids (-1) with the
+        sampled ones; a placeholder that is still there is not read."""
+        step, self.sampled = self.sampled, None
+        if step is None:
             return
-        delta, rows = self.pending_delta
-        self.pending_delta = None
-        picked = [(pos, ids[n]) for pos, ids, n in rows if len(ids) > n and 0 <= ids[n] < delta.shape[1]]
-        if not picked:
-            return
-        positions = torch.tensor([p for p, _ in picked], device=delta.device)
-        tokens = torch.tensor([t for _, t in picked], device=delta.device)
         histogram = metrics.DELTA_LOGP.labels(self.model_name, "extrapolated")
-        for value in delta[positions, tokens].tolist():
-            histogram.observe(value)
-
-    def record(self, plan: BatchPlan, prob: torch.Tensor) -> None:
-        values = prob.tolist()
-        metrics.EXTRAPOLATED_TOKENS.labels(self.model_name, "extrapolated").inc(sum(values))
-        by_file: dict[str, tuple[list[int], list[float]]] = {}
-        for pos, path, slot in plan.stats:
-            slots, vals = by_file.setdefault(path, ([], []))
-            slots.append(slot)
-            vals.append(values[pos])
-        for path, (slots, vals) in by_file.items():
-            table = self.table(path)
-            if table is not None:
-                table.add(slots, vals)
-
-    def table(self, path: str) -> StatsTable | None:
-        if path not in self.tables:
-            try:
-                self.tables[path] = StatsTable(path)
-            except OSError:  # engine on another host: the API server's table is not here
-                self.tables[path] = None
-        return self.tables[path]
+        picked_rows, picked_tokens = [], []
+        for state, length, pos in zip(step.states, step.lengths, step.ext_position):
+            if len(state.output_ids) <= length:
+                continue
+            if state.stats_slot is None:
+                metrics.GENERATED_TOKENS.labels(self.model_name, state.settings.label).inc()
+                if pos is not None:
+                    metrics.EXTRAPOLATED_TOKENS.labels(self.model_name, "extrapolated").inc(step.prob[pos])
+            if pos is not None and 0 <= (token := state.output_ids[length]) < step.delta.shape[1]:
+                picked_rows.append(pos)
+                picked_tokens.append(token)
+        if picked_rows:
+            for value in step.delta[picked_rows, picked_tokens].tolist():
+                histogram.observe(value)
