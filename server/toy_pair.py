@@ -1,9 +1,11 @@
 """Build a small base/RL model pair from scratch, offline, in about a second.
 
-Used by the tests (tiny Qwen2- and Llama-family pairs) and by `make serve` until a
+Used by the tests (tiny Qwen2-, Llama- and Qwen3-family pairs) and by `make serve` until a
 trained demo pair exists. The tokenizer is a byte-level BPE trained here on a short
 built-in text; the base model has random weights; the "RL" child is the base plus a
 small perturbation, so Δlog p has the small signed spread that τ thresholds are for.
+`build_lora_child` makes the child a PEFT LoRA adapter of the base instead (and the same
+child merged into a full checkpoint, the tests' reference).
 """
 
 from pathlib import Path
@@ -26,7 +28,9 @@ CORPUS = [
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_tokenizer(vocab_size: int = 384):
@@ -77,3 +81,27 @@ def build_pair(out_dir: str | Path, family: str = "qwen2", hidden: int = 64, lay
         tokenizer.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def build_lora_child(base_path: str | Path, out_dir: str | Path, rank: int = 4, alpha: float = 8.0,
+                     seed: int = 0, std: float = 0.1, **lora_options) -> tuple[Path, Path]:
+    """Write `<out_dir>/adapter` (a PEFT LoRA adapter of the base, every A and B random and
+    nonzero, unlike PEFT's zero-B start) and `<out_dir>/merged` (base + adapter merged by PEFT,
+    with the tokenizer); return (adapter, merged). `lora_options` go to peft's LoraConfig
+    (target_modules defaults to every projection)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    options = {"target_modules": PROJECTIONS, **lora_options}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                           LoraConfig(r=rank, lora_alpha=alpha, **options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    model.save_pretrained(out / "adapter")
+    model.merge_and_unload().save_pretrained(out / "merged")
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out / "merged")
+    return out / "adapter", out / "merged"

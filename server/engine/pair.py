@@ -9,10 +9,19 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURE = "RLVRExtrapolationForCausalLM"
+STACKED_ARCHITECTURE = "RLVRStackedLoraForCausalLM"  # base + LoRA adapter on one backbone
 PROCESSOR = "server.engine.processor:ExtrapolationLogitsProcessor"
-# Config fields that must agree for the two checkpoints to share one engine.
-SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
+# The only config fields in which the two checkpoints may differ. The base backbone is built
+# from the RL model's config (server/engine/model.py), so any other difference (a tied output
+# head, RoPE, a norm's epsilon, a sliding window, quantization, ...) would run the base as a
+# model it is not. None of these is read by the forward pass of vLLM's decoder-only models.
+IGNORED_CONFIG_FIELDS = frozenset({
+    "_name_or_path", "transformers_version",  # where and by what the checkpoint was written
+    "dtype", "torch_dtype",  # storage dtype: both backbones run at the engine's --dtype
+    "bos_token_id", "eos_token_id", "pad_token_id",  # generation: stopping follows the RL tokenizer
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict",  # transformers' switches
+    "initializer_range",  # initialisation only: the weights are loaded
+})
 
 
 class PairError(ValueError):
@@ -24,6 +33,18 @@ def read_config(path: str, role: str) -> dict[str, Any]:
     if not config_file.is_file():
         raise PairError(f"the {role} model path {path!r} has no config.json (is it a Hugging Face checkpoint directory?)")
     return json.loads(config_file.read_text())
+
+
+def loaded_config(path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The config as transformers reads it — absent fields at their defaults, older spellings
+    (`rope_theta`, `rope_scaling`) in today's form — so that two writings of one model compare
+    equal; the raw config.json for a model type transformers does not know."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).to_dict()
+    except (ValueError, KeyError, OSError):
+        return raw
 
 
 def tokenizer_vocab(path: str, role: str) -> dict[str, int]:
@@ -44,9 +65,13 @@ def check_pair(rl_path: str, base_path: str) -> str:
         raise PairError(f"the RL model's config.json in {rl_path!r} names no architecture")
     if rl_arch != base_arch:
         raise PairError(f"architectures differ: RL is {rl_arch}, base is {base_arch}")
-    for field in SHAPE_FIELDS:
-        if rl.get(field) != base.get(field):
-            raise PairError(f"configs differ in {field}: RL has {rl.get(field)!r}, base has {base.get(field)!r}")
+    rl_config, base_config = loaded_config(rl_path, rl), loaded_config(base_path, base)
+    fields = sorted(f for f in (rl_config.keys() | base_config.keys()) - IGNORED_CONFIG_FIELDS
+                    if rl_config.get(f) != base_config.get(f))
+    if fields:
+        shown = ", ".join(f"{f} (RL {rl_config.get(f)!r}, base {base_config.get(f)!r})" for f in fields[:4])
+        more = f" and {len(fields) - 4} more" if len(fields) > 4 else ""
+        raise PairError(f"configs differ in {shown}{more}: the base would run with the RL model's config")
     rl_vocab, base_vocab = tokenizer_vocab(rl_path, "RL"), tokenizer_vocab(base_path, "base")
     if rl_vocab != base_vocab:
         differing = sorted(set(rl_vocab.items()) ^ set(base_vocab.items()))[:3]
@@ -61,8 +86,36 @@ def check_supported(architecture: str) -> None:
         raise PairError(f"architecture {architecture} is not supported by this vLLM build")
 
 
+def check_adapter_pair(adapter_path: str, base_path: str) -> str:
+    """Raise PairError unless the LoRA adapter can be served on the base; return the base's architecture."""
+    from server.engine.adapter import check_architecture, has_tokenizer, read_adapter
+
+    base = read_config(base_path, "base")
+    architecture = (base.get("architectures") or ["(none named)"])[0]
+    check_architecture(architecture)
+    read_adapter(adapter_path, base)
+    if has_tokenizer(adapter_path) and tokenizer_vocab(adapter_path, "RL") != tokenizer_vocab(base_path, "base"):
+        raise PairError(f"the adapter's tokenizer in {adapter_path!r} differs from the base model's")
+    return architecture
+
+
 def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:
-    """vLLM engine arguments (as `LLM(**kw)` / `AsyncEngineArgs(**kw)`) for the pair."""
+    """vLLM engine arguments (as `LLM(**kw)` / `AsyncEngineArgs(**kw)`) for the pair: the stacked
+    model when `rl_path` is a LoRA adapter directory of the base, else the two-backbone model."""
+    from server.engine.adapter import has_tokenizer, is_adapter_dir
+
+    processing = {"logits_processors": [PROCESSOR], "logprobs_mode": "processed_logprobs"}
+    if is_adapter_dir(rl_path):
+        return {
+            "model": base_path,
+            "tokenizer": rl_path if has_tokenizer(rl_path) else base_path,
+            "hf_overrides": {
+                "architectures": [STACKED_ARCHITECTURE],
+                "rlvrx_inner_architecture": check_adapter_pair(rl_path, base_path),
+                "rlvrx_adapter_path": str(Path(rl_path).resolve()),
+            },
+            **processing,
+        }
     inner = check_pair(rl_path, base_path)
     check_supported(inner)
     return {
@@ -72,6 +125,5 @@ def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:
             "rlvrx_inner_architecture": inner,
             "rlvrx_base_path": str(Path(base_path).resolve()),
         },
-        "logits_processors": [PROCESSOR],
-        "logprobs_mode": "processed_logprobs",
+        **processing,
     }

@@ -1,8 +1,8 @@
-"""vLLM general plugin: registers the wrapper architecture in every vLLM process, and
+"""vLLM general plugin: registers the wrapper architectures in every vLLM process, and
 records vLLM's first error there for `rlvrx serve`'s start-up message."""
 
 from server.engine import startup_error
-from server.engine.pair import ARCHITECTURE
+from server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
 def register() -> None:
@@ -10,4 +10,6 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "server.engine.model:ExtrapolationForCausalLM")
+    if STACKED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(STACKED_ARCHITECTURE, "server.engine.stacked:StackedLoraForCausalLM")
     startup_error.record_in_this_process()

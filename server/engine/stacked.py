@@ -1,0 +1,263 @@
+"""The stacked architecture: one backbone serves a base model and its LoRA child.
+
+Both streams go through the same weights. For the T tokens of a step, every decoder layer
+runs its linear layers once on 2T rows [h_rl; h_base], adds the LoRA delta s·(x·Aᵀ)·Bᵀ to
+the RL rows only, and runs ONE vLLM `Attention` with 2H query heads and 2·Hkv KV heads laid
+side by side ([rl heads | base heads], which keeps GQA's grouping: head i reads KV head
+i // (H/Hkv)) under the scheduler's ordinary block table, so the KV cache holds twice a single
+model's bytes per token. Norms, RoPE and the MLP act per row or per head.
+
+Module names are the checkpoint's (Llama, Mistral, Qwen2, Qwen3), so vLLM's weight loading,
+q/k/v → qkv_proj and gate/up → gate_up_proj included, reads the base checkpoint at the model
+path; the adapter comes from `rlvrx_adapter_path` in the config (set through `hf_overrides`).
+`forward` returns [T, 2·hidden] (RL | base) and `compute_logits` publishes the base logits in
+`server.engine.step.STEP`, as the two-backbone model (server.engine.model) does.
+
+Tensor parallelism shards the adapter as vLLM's LoRA layers do: column-parallel layers (qkv,
+gate_up) keep A whole and take their own output rows of B; row-parallel layers (o, down) take
+their own input columns of A, and the delta joins the layer's output before the all-reduce.
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.transformers_utils.config import set_default_rope_theta
+
+from server.engine.adapter import Adapter, check_architecture, read_adapter
+from server.engine.step import STEP
+
+
+def read_config_adapter(vllm_config: VllmConfig) -> tuple[str, Adapter]:
+    """The base's decoder family and the adapter named in the engine's config."""
+    config = vllm_config.model_config.hf_config
+    family = check_architecture(config.rlvrx_inner_architecture)
+    return family, read_adapter(config.rlvrx_adapter_path, config.to_dict())
+
+
+def side_by_side(x: torch.Tensor) -> torch.Tensor:
+    """[2T, n] rows [rl; base] → [T, 2n] columns [rl | base]."""
+    return torch.cat(x.chunk(2), dim=-1)
+
+
+def stacked_rows(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2n] columns [rl | base] → [2T, n] rows [rl; base]."""
+    return torch.cat(x.chunk(2, dim=-1))
+
+
+def output_shards(linear: QKVParallelLinear | MergedColumnParallelLinear) -> list[slice]:
+    """This rank's rows of each packed projection's full output, in the layer's local order."""
+    rank = linear.tp_rank
+    if isinstance(linear, QKVParallelLinear):
+        q, kv = linear.num_heads * linear.head_size, linear.num_kv_heads * linear.head_size
+        kv_rank = rank // linear.num_kv_head_replicas  # KV heads are replicated when Hkv < TP
+        return [slice(rank * q, (rank + 1) * q)] + [slice(kv_rank * kv, (kv_rank + 1) * kv)] * 2
+    return [slice(rank * (s // linear.tp_size), (rank + 1) * (s // linear.tp_size)) for s in linear.output_sizes]
+
+
+class LoraDelta(nn.Module):
+    """This rank's shard of the LoRA of one (packed) linear layer, for the RL rows."""
+
+    def __init__(self, adapter: Adapter, layer: int, names: tuple[str, ...], linear: nn.Module):
+        super().__init__()
+        self.layer, self.names = layer, names
+        if isinstance(linear, RowParallelLinear):
+            width = linear.input_size_per_partition
+            self.in_shard, self.out_shards = slice(linear.tp_rank * width, (linear.tp_rank + 1) * width), [slice(None)]
+        else:
+            self.in_shard, self.out_shards = slice(None), output_shards(linear)
+        a, b = self.shards(adapter)
+        self.a = nn.Parameter(torch.empty(a.shape), requires_grad=False)
+        self.b = nn.Parameter(torch.empty(b.shape), requires_grad=False)
+
+    def shards(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        a, bs = adapter.packed(self.layer, self.names)
+        return a[:, self.in_shard], torch.cat([b[s] for b, s in zip(bs, self.out_shards)])
+
+    @torch.no_grad()
+    def load(self, adapter: Adapter) -> None:
+        a, b = self.shards(adapter)
+        self.a.copy_(a)
+        self.b.copy_(b)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out[:T] += (x[:T]·Aᵀ)·Bᵀ, T being half the rows (the RL stream's)."""
+        t = x.shape[0] // 2
+        out[:t] += F.linear(F.linear(x[:t], self.a), self.b)
+
+
+def lora_delta(adapter: Adapter, layer: int, names: tuple[str, ...], linear: nn.Module) -> LoraDelta | None:
+    return None if adapter.packed(layer, names) is None else LoraDelta(adapter, layer, names, linear)
+
+
+def reduced(linear: RowParallelLinear, lora: LoraDelta | None, x: torch.Tensor) -> torch.Tensor:
+    """A row-parallel layer (built with reduce_results=False, skip_bias_add=True) with the
+    RL rows' delta added before the all-reduce."""
+    out, bias = linear(x)
+    if lora is not None:
+        lora.add_to(out, x)
+    if linear.tp_size > 1:
+        out = tensor_model_parallel_all_reduce(out)
+    return out if bias is None else out + bias
+
+
+class StackedAttention(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, family: str, adapter: Adapter, layer: int, prefix: str):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+        head_dim = adapter.shapes.head_dim
+        qkv_bias = family == "qwen2" or getattr(config, "attention_bias", False)
+        o_bias = family == "llama" and getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=qkv_bias,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias, reduce_results=False,
+                                        skip_bias_add=True, prefix=f"{prefix}.o_proj")
+        self.qkv_lora = lora_delta(adapter, layer, ("q_proj", "k_proj", "v_proj"), self.qkv_proj)
+        self.o_lora = lora_delta(adapter, layer, ("o_proj",), self.o_proj)
+        self.head_dim = head_dim
+        self.q_size = self.qkv_proj.num_heads * head_dim
+        self.kv_size = self.qkv_proj.num_kv_heads * head_dim
+        self.qk_norm = family == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = get_rope(head_dim, max_position=getattr(config, "max_position_embeddings", 8192),
+                                   rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
+        self.attn = Attention(2 * self.qkv_proj.num_heads, head_dim, head_dim**-0.5,
+                              num_kv_heads=2 * self.qkv_proj.num_kv_heads, cache_config=vllm_config.cache_config,
+                              prefix=f"{prefix}.attn")
+
+    def per_head_norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x.view(*x.shape[:-1], -1, self.head_dim)).view(x.shape)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden)
+        if self.qkv_lora is not None:
+            self.qkv_lora.add_to(qkv, hidden)
+        q, k, v = (side_by_side(x) for x in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        if self.qk_norm:
+            q, k = self.per_head_norm(self.q_norm, q), self.per_head_norm(self.k_norm, k)
+        q, k = self.rotary_emb(positions, q, k)
+        return reduced(self.o_proj, self.o_lora, stacked_rows(self.attn(q, k, v)))
+
+
+class StackedMLP(nn.Module):
+    def __init__(self, config, adapter: Adapter, layer: int, prefix: str):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
+                                           reduce_results=False, skip_bias_add=True, prefix=f"{prefix}.down_proj")
+        self.gate_up_lora = lora_delta(adapter, layer, ("gate_proj", "up_proj"), self.gate_up_proj)
+        self.down_lora = lora_delta(adapter, layer, ("down_proj",), self.down_proj)
+        if config.hidden_act != "silu":
+            raise ValueError(f"unsupported activation {config.hidden_act}: the stacked model has silu only")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        if self.gate_up_lora is not None:
+            self.gate_up_lora.add_to(gate_up, x)
+        return reduced(self.down_proj, self.down_lora, self.act_fn(gate_up))
+
+
+class StackedDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, family: str, adapter: Adapter, layer: int, prefix: str):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.self_attn = StackedAttention(vllm_config, family, adapter, layer, prefix=f"{prefix}.self_attn")
+        self.mlp = StackedMLP(config, adapter, layer, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+class StackedModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        family, adapter = read_config_adapter(vllm_config)
+        if family != "llama":
+            set_default_rope_theta(config, default_theta=1000000)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            StackedDecoderLayer(vllm_config, family, adapter, i, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        embedded = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden, residual = torch.cat([embedded, embedded]), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return side_by_side(hidden)
+
+
+class StackedLoraForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.adapter_path = config.rlvrx_adapter_path
+        self.base_config = config.to_dict()
+        self.model = StackedModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        # One lm_head pass over both streams' rows.
+        logits = self.logits_processor(self.lm_head, stacked_rows(hidden_states))
+        if logits is None:  # not the rank that samples
+            return None
+        rl_logits, base_logits = logits.chunk(2)
+        STEP.publish(rl_logits, base_logits)
+        return rl_logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=LlamaForCausalLM.hf_to_vllm_mapper)
+        adapter = read_adapter(self.adapter_path, self.base_config)
+        for name, module in self.named_modules():
+            if isinstance(module, LoraDelta):
+                module.load(adapter)
+                loaded |= {f"{name}.a", f"{name}.b"}
+        return loaded
