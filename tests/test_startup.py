@@ -39,6 +39,17 @@ def test_refuses_different_shapes(toy_pairs, other_pairs):
     assert "hidden_size" in serve_fails(toy_pairs["qwen2"][1], other_pairs["wide"][0])
 
 
+def test_refuses_configs_that_would_run_the_base_wrongly(toy_pairs, tmp_path):
+    """A base with an untied output head under a tied RL model would use its embedding matrix
+    as the head (the base backbone is built from the RL model's config)."""
+    base, rl = toy_pairs["qwen2"]
+    shutil.copytree(rl, tmp_path / "rl")
+    config = json.loads((tmp_path / "rl" / "config.json").read_text())
+    (tmp_path / "rl" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    line = serve_fails(tmp_path / "rl", base)
+    assert "configs differ in tie_word_embeddings (RL True, base False)" in line
+
+
 def test_refuses_different_tokenizers(toy_pairs, tmp_path):
     base, rl = toy_pairs["qwen2"]
     other = tmp_path / "base"
