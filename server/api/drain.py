@@ -12,6 +12,8 @@ middleware wraps that method of the app's engine client to learn when the drain 
 
 from functools import wraps
 
+from starlette._utils import get_route_path
+
 from server.api.errors import error_body, send_json
 
 RETRY_AFTER_S = 5
@@ -40,8 +42,7 @@ class DrainMiddleware:
             if engine_client is not None:
                 self.watch(engine_client)
         elif scope["type"] == "http" and self.draining:
-            path = scope["path"].removeprefix(scope.get("root_path", ""))
-            if not path.startswith("/metrics"):
+            if not get_route_path(scope).startswith("/metrics"):
                 return await send_json(send, 503, error_body(MESSAGE, None, 503, "ServiceUnavailableError"),
                                        headers=((b"retry-after", str(RETRY_AFTER_S).encode()),))
         return await self.app(scope, receive, send)

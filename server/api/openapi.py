@@ -3,8 +3,9 @@
 vLLM's FastAPI app documents its request models; the fields that the middleware reads
 (`server.api.middleware`) are added to the request schemas of /v1/chat/completions and
 /v1/completions, top level and grouped under `extrapolation`, with the ranges and choices of
-`server.engine.settings` and the server's defaults. The middleware refuses unknown fields,
-so the two schemas say so (`additionalProperties: false`).
+`server.engine.settings` and the server's defaults, as are the fields of OpenAI's documented
+request that vLLM's request models lack (accepted, and ignored). The middleware refuses
+unknown fields, so the two schemas say so (`additionalProperties: false`).
 """
 
 import math
@@ -41,21 +42,24 @@ def field_schemas(defaults: settings_mod.Extrapolation, vocab_size: int) -> dict
                     "default": default[field]} for field in settings_mod.FIELDS}
 
 
-def add_fields(schema: dict[str, Any], routes: tuple[str, ...], defaults: settings_mod.Extrapolation,
+def add_fields(schema: dict[str, Any], routes: dict[str, frozenset[str]], defaults: settings_mod.Extrapolation,
                vocab_size: int) -> None:
-    """Add the fields to the request schema of each of `routes` in an OpenAPI document."""
+    """Add the fields to the request schema of each route in an OpenAPI document; `routes` maps
+    each route to the OpenAI fields it accepts."""
     fields = field_schemas(defaults, vocab_size)
     grouped = {"anyOf": [{"type": "object", "properties": fields, "additionalProperties": False}, {"type": "null"}],
                "title": "Extrapolation",
                "description": "The same fields grouped; a field may not be given both here and at the top level."}
-    for route in routes:
+    for route, documented in routes.items():
         ref = schema["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         request = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
-        request["properties"].update({**fields, "extrapolation": grouped})
+        ignored = {name: {"title": name, "description": "A field of OpenAI's request; accepted and ignored here."}
+                   for name in sorted(documented - set(request["properties"]))}
+        request["properties"].update({**ignored, **fields, "extrapolation": grouped})
         request["additionalProperties"] = False
 
 
-def extend(app, routes: tuple[str, ...], defaults: settings_mod.Extrapolation, vocab_size: int) -> None:
+def extend(app, routes: dict[str, frozenset[str]], defaults: settings_mod.Extrapolation, vocab_size: int) -> None:
     """Make the app's `openapi()` (what /openapi.json serves) include the fields."""
     vllm_openapi = app.openapi
 
