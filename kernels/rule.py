@@ -26,8 +26,14 @@ Conventions for masked tokens (−inf logits, e.g. from allowed-token or bad-wor
 which the engine applies to both rows): a token whose RL log-prob is −inf gets Δ = −inf
 and e = −inf, so it is never emitted. If no candidate has a finite e, the candidate set
 widens to the whole vocabulary.
+
+A row without a distribution — a NaN or +inf logit in either model (an fp16 overflow), or
+every logit −inf — has no rule: its output row and Δ are NaN (what vLLM's sampler would get
+from the model's own logits; it still draws an in-range token id), and M = 0 (nothing is
+counted as extrapolated). The fused kernel does the same.
 """
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -116,6 +122,7 @@ def combine(
     base = base_logits.float()
     a = rl.log_softmax(dim=-1)
     b = base.log_softmax(dim=-1)
+    broken = (a.isnan() | b.isnan()).any(dim=-1)  # exactly the rows without a distribution
     rl_banned = a == float("-inf")
     delta = torch.where(rl_banned, float("-inf"), a - b)
 
@@ -150,9 +157,9 @@ def combine(
     # Greedy rows: extrapolate when the argmax proposal is flagged.
     greedy_row = torch.where(greedy_flag.unsqueeze(1), e, gen)
 
-    out = torch.where(greedy.unsqueeze(1), greedy_row, log_q)
-    prob = torch.where(greedy, greedy_flag.float(), prob_ext)
-    return Combined(out, prob, delta if want_delta else None)
+    out = torch.where(greedy.unsqueeze(1), greedy_row, log_q).masked_fill(broken.unsqueeze(1), math.nan)
+    prob = torch.where(greedy, greedy_flag.float(), prob_ext).masked_fill(broken, 0.0)
+    return Combined(out, prob, delta.masked_fill(broken.unsqueeze(1), math.nan) if want_delta else None)
 
 
 def position_flags(gen: torch.Tensor, settings: RowSettings, delta_flag: torch.Tensor

@@ -20,6 +20,9 @@ Passes over the two logit rows, per row:
 Every pass reads both rows (4 bytes per token each for fp32, 2 for bf16); the output
 pass writes 4 bytes per token (8 with Δ). Per-row parameters are tensors: one compiled
 kernel serves every request mix, and nothing waits on the host.
+
+A row without a distribution (a NaN or +inf logit in either row, or a row all −inf) comes
+out as in kernels/rule.py: NaN output and Δ, M = 0.
 """
 
 import torch
@@ -146,11 +149,13 @@ def _combine_kernel(
     s_g = tl.zeros([BLOCK], tl.float32)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], 2**62, tl.int64)
+    not_finite = tl.zeros([BLOCK], tl.int32)  # lanes that saw a NaN or +inf
     for start in range(0, V, BLOCK):
         offs = start + lanes
         valid = offs < V
         x_rl = tl.load(rl_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
         x_b = tl.load(base_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        not_finite |= (valid & ~((x_rl < float("inf")) & (x_b < float("inf")))).to(tl.int32)
         g = tl.where(use_base, x_b, x_rl)
         m_a, s_a = _lse_merge(m_a, s_a, x_rl)
         m_b, s_b = _lse_merge(m_b, s_b, x_b)
@@ -162,7 +167,11 @@ def _combine_kernel(
     lse_b = _lse_final(m_b, s_b)
     lse_g = _lse_final(m_g, s_g)
     g_max = tl.max(best, axis=0)
-    y0 = tl.min(tl.where(best == g_max, best_i, 2**62), axis=0)
+    # An all-NaN g never beats −inf and leaves the index unset: clamp it, the loads of y0
+    # below are unmasked (the row is NaN in the end anyway).
+    y0 = tl.minimum(tl.min(tl.where(best == g_max, best_i, 2**62), axis=0), V - 1)
+    broken = (tl.max(not_finite, axis=0) > 0) | (tl.max(m_a, axis=0) == float("-inf")) | (
+        tl.max(m_b, axis=0) == float("-inf"))
 
     # Top-k threshold of g: kept = key(g) >= k_thr (all tokens when k is 0 or >= V).
     k_thr = tl.full([], KEY_LO, tl.int64)
@@ -232,10 +241,10 @@ def _combine_kernel(
         lo_v = tl.minimum(kept, redrawn)
         log_q = tl.where(hi_v == float("-inf"), float("-inf"), hi_v + tl.log(1.0 + tl.exp(lo_v - hi_v)))
         out = tl.where(greedy, tl.where(greedy_flag, e_s, gs), log_q)
-        tl.store(out_ptr + offs, out, mask=valid)
+        tl.store(out_ptr + offs, tl.where(broken, float("nan"), out), mask=valid)
         if WRITE_DELTA:
-            tl.store(delta_ptr + row * stride_out + offs, delta, mask=valid)
-    tl.store(prob_ptr + row, tl.where(greedy, greedy_flag.to(tl.float32), prob))
+            tl.store(delta_ptr + row * stride_out + offs, tl.where(broken, float("nan"), delta), mask=valid)
+    tl.store(prob_ptr + row, tl.where(broken, 0.0, tl.where(greedy, greedy_flag.to(tl.float32), prob)))
 
 
 def combine(

@@ -88,3 +88,38 @@ def test_kernel_writes_in_place_over_the_rl_rows():
     got = triton_combine.combine(rl_t, torch.tensor(base, dtype=torch.float32), settings, out=rl_t, block=BLOCK)
     assert got.out.data_ptr() == rl_t.data_ptr()
     torch.testing.assert_close(got.out.exp(), expected.out.exp(), atol=3e-5, rtol=1e-4)
+
+
+def broken_pair(rng):
+    """Rows without a distribution (a NaN or +inf logit in either model — an fp16 overflow —
+    or every logit −inf), each mixed with healthy rows; returns (rl, base, broken mask)."""
+    rl, base = random_pair(rng, 16, vocab=VOCAB)
+    rl, base = rl.astype(np.float32), base.astype(np.float32)
+    edits = [
+        lambda: base.__setitem__(0, np.nan),  # the generator (base) row all NaN
+        lambda: (rl.__setitem__(1, np.nan), base.__setitem__(1, np.nan)),  # both rows all NaN
+        lambda: rl.__setitem__((2, 7), np.nan),  # one NaN in the RL row
+        lambda: base.__setitem__((3, VOCAB - 1), np.inf),  # one +inf in the base row
+        lambda: (rl.__setitem__(4, -np.inf), base.__setitem__(4, -np.inf)),  # every token banned
+        lambda: base.__setitem__(5, -np.inf),  # the generator row all −inf
+    ]
+    for edit in edits:
+        edit()
+    return rl, base, np.arange(16) < len(edits)
+
+
+def test_rows_without_a_distribution_give_nan_rows_and_no_extrapolation_on_both_paths():
+    rng = np.random.default_rng(35)
+    rl, base, broken = broken_pair(rng)
+    settings = [ref.Settings(0.3, -0.3, "base", 7, 0.0 if i % 2 else 0.8, 0.9) for i in range(16)]
+    settings[1] = settings[3] = ref.Settings(0.5, math.inf, "rl", 0, 1.0, 1.0)  # an RL generator, too
+    row_settings = to_row_settings(settings)
+    rl_t, base_t = torch.tensor(rl), torch.tensor(base)
+    out = torch.zeros((16, VOCAB))  # poison: broken rows must be written NaN, not left alone
+    for got in (triton_combine.combine(rl_t, base_t, row_settings, want_delta=True, out=out, block=BLOCK),
+                rule.combine(rl_t, base_t, row_settings, want_delta=True)):
+        assert got.out[broken].isnan().all() and got.delta[broken].isnan().all()
+        assert (got.prob[broken] == 0).all()
+        assert not got.out[~broken].isnan().any() and not got.prob[~broken].isnan().any()
+        check_against_reference(rl[~broken], base[~broken], [s for s, b in zip(settings, broken) if not b],
+                                type(got)(got.out[~broken], got.prob[~broken], None))
