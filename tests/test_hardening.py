@@ -1,4 +1,4 @@
-"""Attacks on the live server: malformed input, dropped streams, overload, SIGTERM."""
+"""Attacks on the live server: malformed input, private keys, dropped streams, overload, SIGTERM."""
 
 import json
 import signal
@@ -40,7 +40,24 @@ BAD = [
     ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "candidates": "all"}), "candidates"),
     ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "generator": None}), "generator"),
     ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "structured_outputs": "x"}), "structured_outputs"),
+    ("/v1/chat/completions", json.dumps({"model": "toy", "messages": [*HI, {"role": "wizard", "content": "x"}]}),
+     "messages[1].role"),
 ]
+
+# Every route vLLM serves here that feeds SamplingParams.extra_args (through `vllm_xargs`), with a
+# body it answers with 200. (/inference/v1/generate's sampling_params.extra_args is off without
+# --enable-scale-out; tests/test_middleware.py covers its body.)
+GENERATION_ROUTES = {
+    "/v1/chat/completions": {"model": "toy", "messages": HI, "max_tokens": 2},
+    "/v1/completions": {"model": "toy", "prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions/batch": {"model": "toy", "messages": [HI, HI], "max_tokens": 2},
+    "/v1/responses": {"model": "toy", "input": "hi", "max_output_tokens": 2},
+    "/v1/messages": {"model": "toy", "messages": HI, "max_tokens": 2},
+    "/invocations": {"model": "toy", "prompt": "hi", "max_tokens": 2},
+}
+# The keys the engine reads from extra_args, and one it once read (a file to write the counts to).
+PRIVATE_KEYS = ["_rlvrx_temperature", "_rlvrx_top_p", "_rlvrx_stats_slot", "_rlvrx_admission", "_rlvrx_stats_file"]
+PRIVATE_VALUES = ["hot", -1, 0, 1e300, 10**20, [0, 1], "/dev/null"]
 
 
 def post(url: str, path: str, body: bytes | str, timeout: float = 60):
@@ -69,6 +86,30 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(live_server
     assert error["message"] and error["type"] and error["code"] == status
     if field is not None:
         assert field in error["message"] or error["param"] in (field, f"body.{field}")
+    assert serves_normally(url)
+
+
+@pytest.mark.parametrize("path", GENERATION_ROUTES)
+@pytest.mark.parametrize("key", PRIVATE_KEYS)
+def test_private_keys_from_clients_never_reach_the_engine(live_server, path, key):
+    """Once, a bad `_rlvrx_temperature` in /v1/responses' vllm_xargs killed the engine."""
+    url, _, _ = live_server
+    for value in PRIVATE_VALUES:
+        status, response = post(url, path, json.dumps({**GENERATION_ROUTES[path], "vllm_xargs": {key: value}}))
+        assert status == 200, (value, response)
+    assert serves_normally(url)
+
+
+def test_a_stats_file_named_by_a_client_is_left_alone(live_server, tmp_path):
+    url, _, _ = live_server
+    target = tmp_path / "victim.bin"
+    content = bytes(range(256)) * 4096  # 1 MiB: larger than any slot offset below
+    target.write_bytes(content)
+    xargs = {"_rlvrx_stats_file": str(target), "_rlvrx_stats_slot": 1, "_rlvrx_admission": "guess", "gamma": 1.0,
+             "tau": "inf"}  # extrapolate every position: the counts are written
+    for path, body in GENERATION_ROUTES.items():
+        assert post(url, path, json.dumps({**body, "vllm_xargs": xargs}))[0] == 200
+    assert target.read_bytes() == content
     assert serves_normally(url)
 
 
