@@ -171,3 +171,90 @@ def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="toy", prompt="hi", max_tokens=2, extra_body={"generator": "both"})
     assert "generator" in str(info.value)
+
+
+# A plausible value for each field of OpenAI's documented requests (the parameters of the `openai`
+# SDK's chat.completions.create and completions.create), with the companions some of them need.
+TOOL = {"name": "add", "description": "adds two numbers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}
+OPENAI_FIELDS = {
+    "/v1/chat/completions": {
+        "audio": {"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]},
+        "frequency_penalty": {"frequency_penalty": 0.1},
+        "function_call": {"function_call": "none", "functions": [TOOL]},
+        "functions": {"functions": [TOOL]},
+        "logit_bias": {"logit_bias": {"5": 1}},
+        "logprobs": {"logprobs": True},
+        "max_completion_tokens": {"max_completion_tokens": 2},
+        "max_tokens": {"max_tokens": 2},
+        "metadata": {"metadata": {"session": "s-1"}},
+        "modalities": {"modalities": ["text"]},
+        "moderation": {"moderation": {"model": "omni-moderation-latest"}},
+        "n": {"n": 2},
+        "parallel_tool_calls": {"parallel_tool_calls": False},
+        "prediction": {"prediction": {"type": "content", "content": "12"}},
+        "presence_penalty": {"presence_penalty": 0.1},
+        "prompt_cache_key": {"prompt_cache_key": "user-1"},
+        "prompt_cache_options": {"prompt_cache_options": {"mode": "implicit"}},
+        "prompt_cache_retention": {"prompt_cache_retention": "24h"},
+        "reasoning_effort": {"reasoning_effort": "low"},
+        "response_format": {"response_format": {"type": "text"}},
+        "safety_identifier": {"safety_identifier": "hash-1"},
+        "seed": {"seed": 7},
+        "service_tier": {"service_tier": "auto"},
+        "stop": {"stop": ["\n\n"]},
+        "store": {"store": False},
+        "stream": {"stream": True},
+        "stream_options": {"stream": True, "stream_options": {"include_usage": True}},
+        "temperature": {"temperature": 0.7},
+        "tool_choice": {"tool_choice": "none", "tools": [{"type": "function", "function": TOOL}]},
+        "tools": {"tools": [{"type": "function", "function": TOOL}], "tool_choice": "none"},
+        "top_logprobs": {"logprobs": True, "top_logprobs": 2},
+        "top_p": {"top_p": 0.9},
+        "user": {"user": "user-1"},
+        "verbosity": {"verbosity": "low"},
+        "web_search_options": {"web_search_options": {"search_context_size": "low"}},
+    },
+    "/v1/completions": {
+        "best_of": {"best_of": 1},
+        "echo": {"echo": True},
+        "frequency_penalty": {"frequency_penalty": 0.1},
+        "logit_bias": {"logit_bias": {"5": 1}},
+        "logprobs": {"logprobs": 2},
+        "max_tokens": {"max_tokens": 2},
+        "n": {"n": 2},
+        "presence_penalty": {"presence_penalty": 0.1},
+        "seed": {"seed": 7},
+        "stop": {"stop": ["\n\n"]},
+        "stream": {"stream": True},
+        "stream_options": {"stream": True, "stream_options": {"include_usage": True}},
+        "suffix": {"suffix": None},
+        "temperature": {"temperature": 0.7},
+        "top_p": {"top_p": 0.9},
+        "user": {"user": "user-1"},
+    },
+}
+REQUIRED = {"/v1/chat/completions": {"model": "toy", "messages": [{"role": "user", "content": "hi"}]},
+            "/v1/completions": {"model": "toy", "prompt": "hi"}}
+
+
+def test_every_documented_openai_field_has_a_case():
+    from server.api.middleware import openai_fields
+
+    for path, cases in OPENAI_FIELDS.items():
+        assert set(cases) == openai_fields(path) - set(REQUIRED[path])
+
+
+@pytest.mark.parametrize("path,field", [(path, field) for path, cases in OPENAI_FIELDS.items() for field in cases])
+def test_documented_openai_fields_are_accepted(live_server, path, field):
+    """SDKs and agent frameworks send these; vLLM ignores those it has no use for."""
+    url, _, _ = live_server
+    body = {**REQUIRED[path], "max_tokens": 2, **OPENAI_FIELDS[path][field]}
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    assert status == 200, text
+    assert "extrapolated_tokens" in text or body.get("stream")  # the middleware handled it
