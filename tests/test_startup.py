@@ -3,6 +3,7 @@ its output ends in one line `rlvrx: error: ...` naming the cause, exit code 2.""
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -95,3 +96,30 @@ def test_engine_start_up_failures_end_in_one_line_naming_the_cause(toy_pairs):
     assert "vLLM refused to start: Available memory" in line and "VLLM_CPU_KVCACHE_SPACE" in line
     line = serve_fails(rl, base, *common, only_line=False, in_engine=True, env={"VLLM_CPU_KVCACHE_SPACE": "0"})
     assert "vLLM refused to start: No available memory for the cache blocks" in line
+
+
+def test_refuses_pipeline_parallelism(toy_pairs):
+    base, rl = toy_pairs["qwen2"]
+    for flags in (("--pipeline-parallel-size", "2"), ("-pp", "2")):
+        assert "--pipeline-parallel-size must be 1" in serve_fails(rl, base, *flags, only_line=False)
+
+
+# `rlvrx serve` with its check of the port skipped: the port is taken after the check, before vLLM binds.
+SKIP_PORT_CHECK = "import sys, server.cli as cli; cli.check_listen_address = lambda args: None; cli.main(sys.argv[1:])"
+
+
+@pytest.mark.parametrize("command", [["-m", "server.cli"], ["-c", SKIP_PORT_CHECK]], ids=["checked", "race"])
+def test_a_port_in_use_ends_in_one_line_before_the_engine_starts(toy_pairs, command):
+    """`make serve` twice: the second one ended in vLLM's traceback (OSError: Address already in use)."""
+    base, rl = toy_pairs["qwen2"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, *command, "serve", "--rl", str(rl), "--base", str(base),
+                               "--host", "127.0.0.1", "--port", str(port), "--enforce-eager"],
+                              cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"rlvrx: error: 127.0.0.1 port {port} is already in use (another server? choose one with --port)")
+    assert "EngineCore" not in proc.stdout + proc.stderr  # refused before vLLM started its engine (which logs so)
