@@ -60,8 +60,9 @@ def next_logits(models, ids):
         return tuple(m(x).logits[0, -1].numpy() for m in models)
 
 
-def run_engine(spec: dict, tmp_path: Path) -> list:
-    """Run tests/engine_runner.py on `spec` in a fresh process; return its results."""
+def run_engine(spec: dict, tmp_path: Path, log: list | None = None) -> list:
+    """Run tests/engine_runner.py on `spec` in a fresh process; return its results (and append
+    its output, vLLM's log included, to `log` when given)."""
     spec_file = tmp_path / f"spec-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
     spec_file.write_text(json.dumps(spec, default=str))
     proc = subprocess.run(
@@ -70,6 +71,8 @@ def run_engine(spec: dict, tmp_path: Path) -> list:
     )
     if proc.returncode != 0:
         raise AssertionError(f"engine runner failed:\n{proc.stderr[-6000:]}")
+    if log is not None:
+        log.append(proc.stdout + proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -6,6 +6,12 @@ share the scheduler's block table; their attention layers have distinct names, s
 vLLM gives each its own KV cache. `forward` returns both hidden states side by side;
 `compute_logits` returns the RL logits to vLLM and leaves the base logits in
 `server.engine.step.STEP` for the logits processor.
+
+The wrapper, not each backbone, is what vLLM compiles: one graph and one AOT artifact for
+both. (Compiled per backbone, the two would share one artifact path — vLLM keys it on the
+config and the forward's source, not the module prefix — so every start compiled twice and,
+where artifacts load (CUDA), the base would load the graph traced from the RL backbone.
+Inside the wrapper's trace the backbones' own compile decorators step aside.)
 """
 
 from collections.abc import Iterable
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
 from vllm.model_executor.models.registry import ModelRegistry
@@ -29,6 +36,7 @@ def base_weights(base_path: str) -> Iterable[tuple[str, torch.Tensor]]:
     return safetensors_weights_iterator(files, use_tqdm_on_load=False)
 
 
+@support_torch_compile
 class ExtrapolationForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
