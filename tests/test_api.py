@@ -258,3 +258,36 @@ def test_documented_openai_fields_are_accepted(live_server, path, field):
         status, text = error.code, error.read().decode()
     assert status == 200, text
     assert "extrapolated_tokens" in text or body.get("stream")  # the middleware handled it
+
+
+@pytest.fixture(scope="module")
+def prefixed_server(toy_pairs, tmp_path_factory):
+    """`rlvrx serve --root-path /api --allow-custom-roles`: behind a proxy that routes /api/… here,
+    for a chat template with roles of its own."""
+    from tests.conftest import start_server, stop_server
+
+    proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp("prefixed") / "server.log",
+                             extra_args=("--root-path", "/api", "--allow-custom-roles"))
+    yield url
+    stop_server(proc)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/completions", "/v1/completions"])
+def test_requests_under_the_root_path_get_the_extrapolation_surface(prefixed_server, path):
+    """vLLM routes both (the second is what a proxy that strips the prefix sends)."""
+    from tests.test_hardening import post
+
+    status, body = post(prefixed_server, path, json.dumps({"model": "toy", "prompt": "hi", "max_tokens": 2,
+                                                           "gamma": 0.5, "tau": None}))
+    assert status == 200 and body["usage"]["extrapolated_tokens"] > 0
+    status, body = post(prefixed_server, path, json.dumps({"model": "toy", "prompt": "hi", "temprature": 0.5}))
+    assert status == 400 and body["error"]["param"] == "temprature"
+
+
+def test_allow_custom_roles_keeps_vllms_behaviour(prefixed_server):
+    from tests.test_hardening import post
+
+    messages = [{"role": "wizard", "content": "hi"}, {"role": "user", "content": "hi"}]
+    status, body = post(prefixed_server, "/api/v1/chat/completions",
+                        json.dumps({"model": "toy", "messages": messages, "max_tokens": 2}))
+    assert status == 200, body
