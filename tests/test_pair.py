@@ -73,3 +73,56 @@ def test_accepts_the_whitelisted_fields_and_older_spellings(pair_copy):
     edit_config(base, {**ACCEPTED, "rope_theta": 10000.0, "rope_scaling": None},
                 drop=("dtype", "rope_parameters", "layer_types"))
     assert check_pair(str(rl), str(base)) == "Qwen2ForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def generation_server(toy_pairs, tmp_path_factory):
+    """The Qwen2 toy pair, each model with a generation_config.json: the RL model's samples only
+    its top token (top_k 1) and stops after 3 tokens, the base model's stops after 5."""
+    from tests.conftest import start_server, stop_server
+
+    tmp = tmp_path_factory.mktemp("generation")
+    for name, source, config in (("rl", toy_pairs["qwen2"][1], {"top_k": 1, "max_new_tokens": 3}),
+                                 ("base", toy_pairs["qwen2"][0], {"max_new_tokens": 5})):
+        shutil.copytree(source, tmp / name)
+        (tmp / name / "generation_config.json").write_text(json.dumps(config))
+    proc, url = start_server((tmp / "base", tmp / "rl"), tmp / "server.log")
+    yield url
+    stop_server(proc)
+
+
+def chat(url, model, **fields):
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": "1+2"}], "logprobs": True, "ignore_eos": True,
+            "temperature": 1.0, "seed": 1, **fields}
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return [t["logprob"] for t in response.json()["choices"][0]["logprobs"]["content"]]
+
+
+def test_each_preset_gets_its_own_models_generation_defaults(generation_server):
+    """`toy` and `toy:rl` get the RL model's generation config (as vLLM serving it alone would
+    apply it), `toy:base` the base model's, and a field the request sets wins."""
+    url = generation_server
+    for model in ("toy", "toy:rl"):
+        assert chat(url, model) == [0.0] * 3  # top_k 1: each token had all the probability
+    base = chat(url, "toy:base")
+    assert len(base) == 5 and all(lp < 0 for lp in base)  # no top_k from the RL model's config
+    assert len(chat(url, "toy:base", max_tokens=2)) == 2
+    assert all(lp < 0 for lp in chat(url, "toy:rl", top_k=0))
+
+
+def test_base_defaults_fill_only_what_a_request_leaves_to_the_model():
+    from server.api.generation import fill_unset
+
+    defaults = {"temperature": 1.0, "top_k": 0, "max_tokens": 512}
+    body = {"temperature": None, "top_k": 3}
+    fill_unset(body, "/v1/chat/completions", defaults)
+    assert body == {"temperature": 1.0, "top_k": 3, "max_tokens": 512}
+    body = {"max_completion_tokens": 4}
+    fill_unset(body, "/v1/chat/completions", defaults)
+    assert body == {"max_completion_tokens": 4, "temperature": 1.0, "top_k": 0}
+    body = {}
+    fill_unset(body, "/v1/completions", defaults)  # vLLM's completion request defaults max_tokens to 16
+    assert body == {"temperature": 1.0, "top_k": 0}

@@ -13,6 +13,8 @@ On /v1/chat/completions and /v1/completions it also:
   (`<name>:rl`, `<name>:base`), validates them, merges them over the server's defaults
   and hands them to the engine as `vllm_xargs` — bad values get an OpenAI-format 400
   naming the field, before the engine sees anything;
+* gives `<name>:base` requests the base model's generation-config defaults for the sampling
+  fields they leave unset (`server.api.generation`; vLLM would apply the RL model's);
 * gives the request a slot in the shared statistics table and, when the response
   carries `usage`, adds `extrapolated_tokens` and `extrapolation_rate` to it
   (JSON responses, and the usage chunk of streams with `include_usage`);
@@ -35,7 +37,7 @@ from starlette.datastructures import Headers
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from server.api import metrics, openapi
+from server.api import generation, metrics, openapi
 from server.api.errors import error_body, send_json
 from server.engine import settings as settings_mod
 from server.engine import metrics as engine_metrics
@@ -184,6 +186,7 @@ class ExtrapolationMiddleware:
         self.app = app
         self.stats: stats_mod.StatsTable | None = None
         self.auth: AuthenticationMiddleware | None = None
+        self.base_sampling: dict[str, Any] | None = None  # `:base` requests' generation defaults
 
     def authorized(self, scope, config: ApiConfig) -> bool:
         """The API-key check (vLLM's, reused) on every route but /health and /metrics (unless
@@ -230,6 +233,10 @@ class ExtrapolationMiddleware:
             found = request_settings(payload, config)
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
+        if found.passthrough == "base":  # vLLM would apply the RL model's generation config
+            if self.base_sampling is None:
+                self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
+            generation.fill_unset(payload, path, self.base_sampling)
         labels = (config.served_name, found.label)
         metrics.observe_request(*labels, found)
         if self.stats is None:
