@@ -1,7 +1,8 @@
-"""vLLM general plugin: registers the wrapper architectures in every vLLM process, and
-records vLLM's first error there for `rlvrx serve`'s start-up message."""
+"""vLLM general plugin: registers the wrapper architectures in every vLLM process, records
+vLLM's first error there for `rlvrx serve`'s start-up message, and works around a vLLM CPU
+bug (server.engine.cpu_seeded_chunks)."""
 
-from server.engine import startup_error
+from server.engine import cpu_seeded_chunks, startup_error
 from server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
@@ -13,3 +14,4 @@ def register() -> None:
     if STACKED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(STACKED_ARCHITECTURE, "server.engine.stacked:StackedLoraForCausalLM")
     startup_error.record_in_this_process()
+    cpu_seeded_chunks.install()
