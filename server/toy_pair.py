@@ -84,7 +84,7 @@ def build_pair(out_dir: str | Path, family: str = "qwen2", hidden: int = 64, lay
 
 
 def build_lora_child(base_path: str | Path, out_dir: str | Path, rank: int = 4, alpha: float = 8.0,
-                     seed: int = 0, std: float = 0.1, **lora_options) -> tuple[Path, Path]:
+                     seed: int = 0, std: float = 0.06, **lora_options) -> tuple[Path, Path]:
     """Write `<out_dir>/adapter` (a PEFT LoRA adapter of the base, every A and B random and
     nonzero, unlike PEFT's zero-B start) and `<out_dir>/merged` (base + adapter merged by PEFT,
     with the tokenizer); return (adapter, merged). `lora_options` go to peft's LoraConfig

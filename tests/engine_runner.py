@@ -6,7 +6,8 @@ gets its own process so that vLLM's per-process state never leaks between them.
 Usage: python tests/engine_runner.py SPEC.json  →  JSON on the last line of stdout.
 SPEC: {"pair": [rl, base]} or {"model": path}, and "batches": a list of lists of
 requests {"prompt_ids": [...], "params": {SamplingParams fields}}; each inner list is
-submitted in one `generate` call.
+submitted in one `generate` call. Optional: "eager" (default true; false compiles the
+model), "tensor_parallel_size" (default 1), "env" (variables set before vLLM is imported).
 """
 
 import json
@@ -26,18 +27,25 @@ def with_int_keys(params: dict) -> dict:
 
 
 def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    os.environ.update(spec.get("env", {}))
+    # vLLM's processes log to stdout, tensor-parallel workers even after the results are
+    # printed: they (which inherit fd 1) log to stderr, and stdout carries the results alone.
+    results_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from server.engine.pair import engine_kwargs
 
-    spec = json.load(open(sys.argv[1]))
     if "pair" in spec:
         kwargs = engine_kwargs(*spec["pair"])
     else:
         kwargs = {"model": spec["model"], "logprobs_mode": "processed_logprobs"}
-    llm = LLM(**kwargs, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-              enable_prefix_caching=spec.get("prefix_caching", False))
+    llm = LLM(**kwargs, dtype="float32", enforce_eager=spec.get("eager", True), max_model_len=512, seed=0,
+              enable_prefix_caching=spec.get("prefix_caching", False),
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1))
     results = []
     for batch in spec["batches"]:
         prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in batch]
@@ -55,7 +63,7 @@ def main() -> None:
             ]
             for out in outputs
         ])
-    print("\n" + json.dumps(results))
+    print("\n" + json.dumps(results), file=results_out, flush=True)
 
 
 if __name__ == "__main__":

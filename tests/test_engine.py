@@ -1,95 +1,11 @@
 """The vLLM path end to end: the real engine with the wrapper model and the processor,
 against a float64 transformers reference of ALGORITHM.md and against vLLM serving
-each model alone."""
+each model alone (requests and checks: tests/engine_checks.py)."""
 
-import math
-
-import numpy as np
 import pytest
 
-from kernels import reference as ref
-from tests.conftest import next_logits, ref_settings as settings, run_engine
-
-MAX_TOKENS = 10
-rng = np.random.default_rng(2026)
-PROMPTS = [rng.integers(3, 380, size=n).tolist() for n in (5, 11, 23)]
-
-# (gamma, tau, generator, candidates): full, selective, selective replace, and more.
-GREEDY_SETTINGS = [
-    (0.5, None, "rl", 0),
-    (0.1, -0.3, "base", 50),
-    (0.0, -0.3, "base", 0),
-    (1.0, 0.2, "rl", 5),
-    (2.0, -0.5, "base", 1),
-]
-SAMPLED = [  # (gamma, tau, generator, candidates, temperature, top_p, seed)
-    (0.3, -0.3, "base", 20, 0.9, 0.8, 5),
-    (0.5, None, "rl", 0, 1.0, 1.0, 6),
-    (1.0, 0.1, "base", 0, 0.6, 0.95, 7),
-]
-
-
-def xargs(gamma, tau, generator, candidates):
-    return {"gamma": gamma, "tau": tau, "generator": generator, "candidates": candidates}
-
-
-def greedy(extra=None, **kw):
-    return {"temperature": 0.0, "max_tokens": MAX_TOKENS, "ignore_eos": True, "extra_args": extra, **kw}
-
-
-def sampled(temperature, top_p, seed, extra=None, **kw):
-    return {"temperature": temperature, "top_p": top_p, "seed": seed, "max_tokens": MAX_TOKENS,
-            "ignore_eos": True, "logprobs": 1, "extra_args": extra, **kw}
-
-
-# The replacement-curve criteria: (gamma, tau, generator, candidates, selection); the toy
-# models' entropies lie around 3–4.4 nats, so τ = 3.7 flags some positions and not others.
-ENTROPY = (0.5, 3.7, "base", 0, "entropy")
-RANDOM = (0.0, 0.5, "base", 10, "random")
-
-
-def criteria_batch():
-    def extra(gamma, tau, generator, candidates, selection):
-        return {**xargs(gamma, tau, generator, candidates), "selection": selection}
-
-    return ([{"prompt_ids": p, "params": greedy(extra(*ENTROPY))} for p in PROMPTS]
-            + [{"prompt_ids": p, "params": sampled(1.0, 0.9, 40 + i, extra(*s))}
-               for s in (ENTROPY, RANDOM) for i, p in enumerate(PROMPTS)])
-
-
-ALLOWED = list(range(40, 90))
-BIAS = {77: 6.0, 123: 4.0}
-
-
-def pair_batches():
-    mixed_greedy = [{"prompt_ids": p, "params": greedy(xargs(*s))} for s in GREEDY_SETTINGS for p in PROMPTS]
-    mixed_sampled = [
-        {"prompt_ids": PROMPTS[i % 3], "params": sampled(t, tp, seed, xargs(g, tau, gen, k))}
-        for i, (g, tau, gen, k, t, tp, seed) in enumerate(SAMPLED)
-    ]
-    alone_sampled = [[r] for r in mixed_sampled]
-    masked = [
-        {"prompt_ids": PROMPTS[1], "params": greedy(xargs(0.5, -0.3, "base", 0), allowed_token_ids=ALLOWED)},
-        {"prompt_ids": PROMPTS[2], "params": greedy(xargs(0.5, None, "rl", 0), logit_bias=BIAS)},
-    ]
-    return [mixed_greedy, mixed_sampled, *alone_sampled, masked, criteria_batch(), passthrough_batch("pair")]
-
-
-def passthrough_batch(engine):
-    """Requests with extrapolation off; for the pair engine they carry the preset."""
-    off = {"gamma": 0.0, "tau": "-inf", "generator": "rl"}
-    cases = [  # (extra_args on the pair, which single model serves the same)
-        ({"preset": "rl"}, "rl"), (off, "rl"), ({"preset": "base"}, "base"),
-        ({"gamma": 0.7, "tau": "-inf", "generator": "base"}, "base"),
-    ]
-    batch = []
-    for extra, model in cases:
-        if engine != "pair" and engine != model:
-            continue
-        for i, p in enumerate(PROMPTS):
-            batch.append({"prompt_ids": p, "params": sampled(0.8, 0.9, 100 + i, extra if engine == "pair" else None)})
-            batch.append({"prompt_ids": p, "params": greedy(extra if engine == "pair" else None)})
-    return batch
+from tests import engine_checks as checks
+from tests.conftest import run_engine
 
 
 @pytest.fixture(scope="module")
@@ -97,105 +13,36 @@ def runs(toy_pairs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
     out = {}
     for family, (base, rl) in toy_pairs.items():
-        out[family] = run_engine({"pair": [str(rl), str(base)], "batches": pair_batches()}, tmp)
+        out[family] = run_engine({"pair": [str(rl), str(base)], "batches": checks.pair_batches()}, tmp)
     base, rl = toy_pairs["qwen2"]
-    out["rl_alone"] = run_engine({"model": str(rl), "batches": [passthrough_batch("rl")]}, tmp)[0]
-    out["base_alone"] = run_engine({"model": str(base), "batches": [passthrough_batch("base")]}, tmp)[0]
+    out["rl_alone"] = run_engine({"model": str(rl), "batches": [checks.passthrough_batch("rl")]}, tmp)[0]
+    out["base_alone"] = run_engine({"model": str(base), "batches": [checks.passthrough_batch("base")]}, tmp)[0]
     return out
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_greedy_matches_float64_reference(runs, hf_models, family):
-    results = runs[family][0]
-    i = 0
-    for s in GREEDY_SETTINGS:
-        for prompt in PROMPTS:
-            got = results[i][0]["token_ids"]
-            i += 1
-            ids, expected = list(prompt), []
-            for _ in range(MAX_TOKENS):
-                a, b = next_logits(hf_models[family], ids)
-                y = ref.greedy_token(a, b, settings(*s))
-                expected.append(y)
-                ids.append(y)
-            assert got == expected, f"{family} settings={s} prompt={prompt}"
+    checks.check_greedy(runs[family], hf_models[family])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_sampled_logprobs_are_the_reference_q(runs, hf_models, family):
-    """Every sampled token has positive probability under the float64 q, and the
-    logprob the engine reports is log q(token) of that reference."""
-    results = runs[family][1]
-    for i, (g, tau, gen, k, t, tp, _seed) in enumerate(SAMPLED):
-        choice = results[i][0]
-        ids = list(PROMPTS[i % 3])
-        for token, lps in zip(choice["token_ids"], choice["logprobs"]):
-            a, b = next_logits(hf_models[family], ids)
-            q = ref.two_stage_distribution(a, b, settings(g, tau, gen, k, t, tp))
-            assert q[token] > 0
-            assert lps[str(token)] == pytest.approx(math.log(q[token]), abs=2e-3)
-            ids.append(token)
+    checks.check_sampled(runs[family], hf_models[family])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_mixed_batch_gives_each_request_what_it_gets_alone(runs, family):
-    mixed = runs[family][1]
-    alone = runs[family][2 : 2 + len(SAMPLED)]
-    for i in range(len(SAMPLED)):
-        assert mixed[i][0]["token_ids"] == alone[i][0][0]["token_ids"]
+    checks.check_mixed_batch(runs[family])
 
 
 def test_masks_and_logit_bias_apply_to_both_models(runs, hf_models):
-    results = runs["qwen2"][2 + len(SAMPLED)]
-    allowed = np.full(384, -np.inf)
-    allowed[ALLOWED] = 0.0
-    bias = np.zeros(384)
-    for token, value in BIAS.items():
-        bias[token] = value
-    cases = [(PROMPTS[1], settings(0.5, -0.3, "base", 0), allowed), (PROMPTS[2], settings(0.5, None, "rl", 0), bias)]
-    for (prompt, s, edit), result in zip(cases, results):
-        ids, expected = list(prompt), []
-        for _ in range(MAX_TOKENS):
-            a, b = next_logits(hf_models["qwen2"], ids)
-            y = ref.greedy_token(a + edit, b + edit, s)
-            expected.append(y)
-            ids.append(y)
-        assert result[0]["token_ids"] == expected
-    assert set(results[0][0]["token_ids"]) <= set(ALLOWED)
+    checks.check_masks_and_bias(runs["qwen2"], hf_models["qwen2"], vocab_size=384)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_entropy_and_random_selection_follow_the_reference(runs, hf_models, family):
-    results = runs[family][3 + len(SAMPLED)]
-    greedy_flags = []
-    for prompt, result in zip(PROMPTS, results[:3]):
-        s = settings(*ENTROPY[:4], selection="entropy")
-        ids = list(prompt)
-        for token in result[0]["token_ids"]:
-            a, b = next_logits(hf_models[family], ids)
-            assert token == ref.greedy_token(a, b, s)
-            greedy_flags.append(ref.extrapolation_probability(a, b, s))
-            ids.append(token)
-    assert 0 < sum(greedy_flags) < len(greedy_flags)  # both kinds of positions were exercised
-    for i, result in enumerate(results[3:]):
-        gamma, tau, generator, k, selection = (ENTROPY, RANDOM)[i // 3]
-        s = settings(gamma, tau, generator, k, 1.0, 0.9, selection)
-        ids = list(PROMPTS[i % 3])
-        for token, lps in zip(result[0]["token_ids"], result[0]["logprobs"]):
-            a, b = next_logits(hf_models[family], ids)
-            q = ref.two_stage_distribution(a, b, s)
-            assert lps[str(token)] == pytest.approx(math.log(q[token]), abs=2e-3)
-            ids.append(token)
+    checks.check_selection_criteria(runs[family], hf_models[family])
 
 
 def test_extrapolation_off_equals_each_model_alone(runs):
-    pair = runs["qwen2"][-1]
-    singles = iter(runs["rl_alone"]), iter(runs["base_alone"])
-    batch = passthrough_batch("pair")
-    assert len(pair) == len(batch) == len(runs["rl_alone"]) * 2
-    for request, result in zip(batch, pair):
-        extra = request["params"]["extra_args"]
-        model = extra.get("preset") or extra["generator"]
-        expected = next(singles[0] if model == "rl" else singles[1])
-        assert result[0]["token_ids"] == expected[0]["token_ids"]
-        assert result[0]["logprobs"] == expected[0]["logprobs"]
+    checks.check_passthrough(runs["qwen2"], runs["rl_alone"], runs["base_alone"])

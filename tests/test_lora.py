@@ -1,0 +1,97 @@
+"""The stacked model (one backbone for a base and its LoRA adapter) in the real engine.
+
+The RL model of the float64 reference is PEFT's merge of base and adapter (W + s·B·A). Each
+adapter variant runs the two-backbone path's requests and checks (tests/engine_checks.py):
+greedy generations and sampled logprobs for full, selective, replace and top-k settings with
+both generators, a mixed batch against each request alone, masks and logit bias on both
+streams, the selection criteria. `:rl` and extrapolation off equal vLLM serving the merged
+model alone, `:base` equals vLLM serving the base alone (the same tokens; logprobs within
+1e-4: the stacked model adds s·(x·Aᵀ)·Bᵀ where the merged model multiplies by W + s·B·A, so
+the float32 roundings differ). Compiled and TP 2 runs give what the eager TP 1 run gives.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.toy_pair import build_lora_child, build_pair
+from tests import engine_checks as checks
+from tests.conftest import run_engine
+
+VARIANTS = {  # name: (family of the base, LoRA options)
+    "qwen2-patterns": ("qwen2", {"rank_pattern": {"o_proj": 2}, "alpha_pattern": {"down_proj": 4.0}}),
+    "llama-selective": ("llama", {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [1]}),
+    "qwen3-rslora": ("qwen3", {"use_rslora": True, "rank": 8}),
+}
+PASSTHROUGH_TOL = 1e-4
+TP = {"tensor_parallel_size": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
+
+
+@pytest.fixture(scope="module")
+def lora_pairs(toy_pairs, tmp_path_factory) -> dict:
+    """{variant: (base, adapter, merged)}."""
+    root = tmp_path_factory.mktemp("lora")
+    bases = {family: base for family, (base, _) in toy_pairs.items()}
+    bases["qwen3"] = build_pair(root / "qwen3", family="qwen3", seed=2)[0]
+    return {name: (bases[family], *build_lora_child(bases[family], root / name, seed=i, **options))
+            for i, (name, (family, options)) in enumerate(VARIANTS.items())}
+
+
+@pytest.fixture(scope="module")
+def references(lora_pairs) -> dict:
+    """{variant: (merged, base)} as float64 transformers models."""
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()  # noqa: E731
+    return {name: (load(merged), load(base)) for name, (base, _, merged) in lora_pairs.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(lora_pairs, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("engine")
+    out = {name: run_engine({"pair": [str(adapter), str(base)], "batches": checks.pair_batches()}, tmp)
+           for name, (base, adapter, _) in lora_pairs.items()}
+    base, adapter, merged = lora_pairs["qwen2-patterns"]
+    out["rl_alone"] = run_engine({"model": str(merged), "batches": [checks.passthrough_batch("rl")]}, tmp)[0]
+    out["base_alone"] = run_engine({"model": str(base), "batches": [checks.passthrough_batch("base")]}, tmp)[0]
+    first_two = checks.pair_batches()[:2]  # greedy settings, sampled settings
+    out["compiled"] = run_engine({"pair": [str(adapter), str(base)], "batches": first_two, "eager": False}, tmp)
+    out["tp2"] = run_engine({"pair": [str(adapter), str(base)], "batches": first_two, **TP}, tmp)
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_matches_float64_reference(runs, references, variant):
+    checks.check_greedy(runs[variant], references[variant])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampled_logprobs_are_the_reference_q(runs, references, variant):
+    checks.check_sampled(runs[variant], references[variant])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mixed_batch_gives_each_request_what_it_gets_alone(runs, variant):
+    checks.check_mixed_batch(runs[variant])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_masks_and_logit_bias_reach_both_streams(runs, references, variant):
+    checks.check_masks_and_bias(runs[variant], references[variant], vocab_size=384)
+
+
+def test_selection_criteria_follow_the_reference(runs, references):
+    checks.check_selection_criteria(runs["qwen2-patterns"], references["qwen2-patterns"])
+
+
+def test_presets_equal_vllm_serving_the_merged_model_and_the_base_alone(runs):
+    checks.check_passthrough(runs["qwen2-patterns"], runs["rl_alone"], runs["base_alone"], PASSTHROUGH_TOL)
+
+
+@pytest.mark.parametrize("mode", ["compiled", "tp2"])
+def test_compiled_and_tensor_parallel_serve_what_eager_tp1_serves(runs, references, mode):
+    eager = runs["qwen2-patterns"]
+    checks.check_greedy(runs[mode], references["qwen2-patterns"])
+    checks.check_sampled(runs[mode], references["qwen2-patterns"])
+    for batch in range(2):
+        assert len(runs[mode][batch]) == len(eager[batch])
+        for got, want in zip(runs[mode][batch], eager[batch]):
+            checks.check_same_choice(got[0], want[0], PASSTHROUGH_TOL)
