@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import fuzz
+from server.api.middleware import openai_fields
 from server.engine import settings as settings_mod
 from tests.test_hardening import post, serves_normally
 
@@ -73,6 +74,7 @@ def test_openapi_schema_publishes_the_extrapolation_fields(live_server):
         request = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
         fields = request["properties"]
         assert request["additionalProperties"] is False
+        assert openai_fields(route) <= set(fields)  # OpenAI's fields are accepted, those vLLM lacks too
         assert set(fields["extrapolation"]["anyOf"][0]["properties"]) == set(settings_mod.FIELDS)
         assert [fields["gamma"]["minimum"], fields["gamma"]["maximum"]] == list(settings_mod.GAMMA_RANGE)
         assert fields["generator"]["enum"] == list(settings_mod.GENERATORS)
