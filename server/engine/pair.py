@@ -14,7 +14,8 @@ PROCESSOR = "server.engine.processor:ExtrapolationLogitsProcessor"
 # The only config fields in which the two checkpoints may differ. The base backbone is built
 # from the RL model's config (server/engine/model.py), so any other difference (a tied output
 # head, RoPE, a norm's epsilon, a sliding window, quantization, ...) would run the base as a
-# model it is not. None of these is read by the forward pass of vLLM's decoder-only models.
+# model it is not. The forward passes of the decoders such pairs use (Llama, Qwen, Mistral,
+# Gemma, …) read none of these.
 IGNORED_CONFIG_FIELDS = frozenset({
     "_name_or_path", "transformers_version",  # where and by what the checkpoint was written
     "dtype", "torch_dtype",  # storage dtype: both backbones run at the engine's --dtype
