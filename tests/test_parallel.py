@@ -1,7 +1,10 @@
 """Usage and metrics count each kept token once: under tensor parallelism (every rank runs
 the processor), with prompts prefilled in chunks (every chunk but the last is sampled and
-thrown away), with stop strings (the engine runs on until the API server's abort arrives) and
-with several choices; and TP 2 serves what TP 1 serves."""
+thrown away), with requests preempted and recomputed, with stop strings (the engine runs on
+until the API server's abort arrives) and with several choices; and TP 2 serves what TP 1
+serves."""
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -10,6 +13,7 @@ from tests.test_hardening import post
 from tests.test_metrics import moved, scrape
 
 CHUNK = 32  # --max-num-batched-tokens: the long prompt below takes several steps to prefill
+BLOCKS = 5  # KV-cache blocks (of 128 tokens on CPU): the burst below cannot fit, so requests are preempted
 LONG_PROMPT = list(range(5, 5 + 100))
 # τ = null with greedy rows: every position is extrapolated with probability exactly 1.
 EVERYWHERE = {"gamma": 0.5, "tau": None, "generator": "rl", "temperature": 0}
@@ -20,7 +24,8 @@ def chunked_server(request, toy_pairs, tmp_path_factory):
     tp = request.param
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else {}
     proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp(f"tp{tp}") / "server.log", env,
-                             ("--tensor-parallel-size", str(tp), "--max-num-batched-tokens", str(CHUNK)))
+                             ("--tensor-parallel-size", str(tp), "--max-num-batched-tokens", str(CHUNK),
+                              "--num-gpu-blocks-override", str(BLOCKS)))
     yield tp, url
     stop_server(proc)
 
@@ -45,11 +50,19 @@ def test_each_kept_token_counts_once(chunked_server):
     text = free["choices"][0]["text"]
     stop = text[len(text) // 2:][:2]
     answers["stopped"] = complete(url, prompt=[7, 8, 9], max_tokens=24, ignore_eos=True, stop=[stop], **EVERYWHERE)
-    # Several choices share one request (sampled: with τ = null, M is 1 at every position all the same).
-    answers["choices"] = complete(url, prompt=LONG_PROMPT[:40], max_tokens=5, ignore_eos=True, n=3,
+    # Several choices share one request (sampled: with τ = null, M is 1 at every position all the
+    # same). Seeded: vLLM 0.32 on CPU killed the engine rewinding the generator of a chunk's sample.
+    answers["choices"] = complete(url, prompt=LONG_PROMPT[:40], max_tokens=5, ignore_eos=True, n=3, seed=3,
                                   **{**EVERYWHERE, "temperature": 1.0})
     answers["rl"] = complete(url, prompt=LONG_PROMPT, max_tokens=4, ignore_eos=True, temperature=0, model="toy:rl")
+    # More than the KV cache holds at once: vLLM preempts requests and recomputes them.
+    with ThreadPoolExecutor(6) as pool:
+        burst = list(pool.map(lambda i: complete(url, prompt=LONG_PROMPT[i:], max_tokens=60, ignore_eos=True,
+                                                 **EVERYWHERE), range(6)))
     after = scrape(url)
+    assert moved(before, after, "vllm:num_preemptions_total", engine="0", model_name="toy") > 0
+    for answer in burst:
+        assert answer["usage"]["extrapolated_tokens"] == answer["usage"]["completion_tokens"] == 60
 
     stopped = answers["stopped"]
     assert stopped["choices"][0]["finish_reason"] == "stop"
@@ -59,7 +72,7 @@ def test_each_kept_token_counts_once(chunked_server):
         assert usage["extrapolated_tokens"] == usage["completion_tokens"], key
         assert usage["extrapolation_rate"] == 1.0, key
     assert answers["rl"]["usage"]["extrapolated_tokens"] == 0
-    extrapolated = sum(answers[k]["usage"]["completion_tokens"] for k in ("chunked", "stopped", "choices")) + 24
+    extrapolated = sum(answers[k]["usage"]["completion_tokens"] for k in ("chunked", "stopped", "choices")) + 24 + 6 * 60
     label = {"model_name": "toy"}
     assert moved(before, after, "rlvrx:generated_tokens_total", **label, preset="extrapolated") == extrapolated
     assert moved(before, after, "rlvrx:extrapolated_tokens_total", **label, preset="extrapolated") == pytest.approx(

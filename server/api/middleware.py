@@ -46,7 +46,7 @@ from server.engine import stats as stats_mod
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 EXTRAPOLATION_FIELDS = {*settings_mod.FIELDS, "extrapolation"}
 PRESET_SUFFIXES = {":rl": "rl", ":base": "base"}
-PRIVATE_PREFIX = "_rlvrx"
+PRIVATE_PREFIX = stats_mod.PRIVATE_PREFIX
 # The roles of OpenAI's chat message types (openai.types.chat.ChatCompletionMessageParam).
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 

@@ -273,4 +273,5 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
                 picked_tokens.append(token)
         if picked_rows:
             for value in step.delta[picked_rows, picked_tokens].tolist():
-                histogram.observe(value)
+                if math.isfinite(value):  # a row without a distribution has NaN Δ
+                    histogram.observe(value)
