@@ -9,6 +9,8 @@ short GRPO run with an exact-match reward (32 prompts × 8 samples, T = 1, advan
 reward − group mean, no KL), optionally with the paper's training-time reweighting
 Ã = [1 + α(1 − π_old(token))]·Â. Both are Qwen2 models of about 0.8M parameters with a
 character-level byte-level tokenizer; everything is seeded, so a rebuild gives the same pair.
+With `lora_rank` > 0 the child is instead a PEFT LoRA adapter of the base on every projection
+(GRPO trains A and B only), which `rlvrx serve` runs on one stacked backbone.
 """
 
 import random
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from server.toy_pair import SPECIAL_TOKENS
+from server.toy_pair import PROJECTIONS, SPECIAL_TOKENS
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}="
 CARRY_DROP = {1: 0.3, 2: 0.6, 3: 0.3}  # P(dropping the carry into digit i) of the noisy solver
@@ -35,6 +37,8 @@ class TrainConfig:
     rl_samples: int = 8
     rl_lr: float = 3e-5
     alpha: float = 0.0  # training-time reweighting; 0 = plain GRPO
+    lora_rank: int = 0  # > 0: the child is a LoRA adapter of this rank (α = 2r) on every projection
+    lora_lr: float = 3e-4  # LoRA's GRPO learning rate (LoRA wants about 10× full fine-tuning's)
 
 
 def rev(n: int, width: int) -> str:
@@ -169,7 +173,8 @@ def accuracy(model, task: Task, problems: list[tuple[int, int]], temperature: fl
 
 
 def grpo(model, task: Task, cfg: TrainConfig, rng: random.Random, log) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rl_lr, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lora_lr if cfg.lora_rank else cfg.rl_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     for step in range(cfg.rl_steps):
         problems = [(rng.randrange(1000), rng.randrange(1000)) for _ in range(cfg.rl_prompts)]
@@ -228,7 +233,8 @@ def train_pair(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print)
 
 
 def train_rl(base_dir: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> dict:
-    """GRPO from a saved base checkpoint (so runs with different α share one base)."""
+    """GRPO from a saved base checkpoint (so runs with different α share one base); with
+    `cfg.lora_rank` the child saved is a PEFT adapter directory (with the tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed + 1)
@@ -236,9 +242,15 @@ def train_rl(base_dir: str | Path, out_dir: str | Path, cfg: TrainConfig = Train
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     task = Task(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if cfg.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                 target_modules=PROJECTIONS))
     grpo(model, task, cfg, rng, log)
     save(model, tokenizer, Path(out_dir))
-    return report(model, task, f"rl (alpha={cfg.alpha:g})", log)
+    name = f"rl (alpha={cfg.alpha:g}{f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''})"
+    return report(model, task, name, log)
 
 
 def save(model, tokenizer, path: Path) -> None:

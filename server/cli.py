@@ -58,6 +58,8 @@ def our_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="models/demo")
     demo.add_argument("--alpha", type=float, default=0.0, help="training-time reweighting α (0: plain GRPO)")
     demo.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (default: the trainer's)")
+    demo.add_argument("--lora", type=int, default=0, metavar="RANK",
+                      help="train only the child, as a LoRA adapter of this rank of <out>/base, into <out>/lora")
     ev = sub.add_parser("eval", help="accuracy of an OpenAI-compatible endpoint on {problem, answer} JSONL")
     ev.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the OpenAI API")
     ev.add_argument("--api-key", default="unused")
@@ -192,12 +194,19 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
 def demo(ours: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from server.arith_pair import TrainConfig, train_pair
+    from server.arith_pair import TrainConfig, train_pair, train_rl
 
-    cfg = replace(TrainConfig(), alpha=ours.alpha)
+    cfg = replace(TrainConfig(), alpha=ours.alpha, lora_rank=ours.lora)
     if ours.rl_steps is not None:
         cfg = replace(cfg, rl_steps=ours.rl_steps)
-    base, rl = train_pair(ours.out, cfg, log=lambda line: print(f"rlvrx demo: {line}", file=sys.stderr, flush=True))
+    log = lambda line: print(f"rlvrx demo: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    if ours.lora:
+        base, rl = Path(ours.out) / "base", Path(ours.out) / "lora"
+        if not (base / "config.json").is_file():
+            fail(f"no demo base model in {base}: train the pair first (rlvrx demo --out {ours.out})")
+        train_rl(base, rl, cfg, log)
+    else:
+        base, rl = train_pair(ours.out, cfg, log)
     print(f"rlvrx: trained demo pair: base={base} rl={rl}", file=sys.stderr)
 
 

@@ -2,6 +2,8 @@
 keys at admission, positions sampled more than once, async scheduling's placeholder ids."""
 
 import math
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate
 
-from server.engine import metrics
+from server.engine import host_reads, metrics
 from server.engine import processor as processor_mod
 from server.engine import stats
 from server.engine.processor import TEMPERATURE_KEY, TOP_P_KEY, ExtrapolationLogitsProcessor
@@ -85,10 +87,41 @@ def test_admission_accepts_the_server_slot_and_is_idempotent():
     assert params.extra_args == args
 
 
-def new_processor(monkeypatch) -> ExtrapolationLogitsProcessor:
+class CopiedLater:
+    """Stands in for a CUDA event: the worker thread waits on it like on a device copy."""
+
+    def __init__(self):
+        self.done = threading.Event()
+
+    def synchronize(self):
+        self.done.wait(timeout=30)
+
+
+def new_processor(monkeypatch, table, deferred: bool) -> ExtrapolationLogitsProcessor:
+    """A processor on CPU tensors; `deferred`: the GPU way (copies finish later, in a thread)."""
     monkeypatch.setattr(processor_mod, "get_tensor_model_parallel_rank", lambda: 0)
     config = SimpleNamespace(model_config=SimpleNamespace(served_model_name=["unit"]))
-    return ExtrapolationLogitsProcessor(config, torch.device("cpu"), False)
+    processor = ExtrapolationLogitsProcessor(config, torch.device("cpu"), False)
+    if deferred:
+        events = []
+
+        def start_copies(tensors):
+            events.append(CopiedLater())
+            threading.Timer(0.05, events[-1].done.set).start()
+            return [t.clone() for t in tensors], events[-1]
+
+        monkeypatch.setattr(host_reads, "start_copies", start_copies)
+        processor.reads = host_reads.HostReads(True, table.mark_submitted, table.mark_done)
+    return processor
+
+
+def written(table) -> None:
+    """What the API server does before reading usage: wait for the engine's submitted writes."""
+    submitted = table.submitted()
+    deadline = time.monotonic() + 30
+    while not table.written_since(submitted):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def delta_count() -> float:
@@ -106,11 +139,13 @@ def step(processor, rl: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return processor.apply(rl.clone())
 
 
-def test_a_position_sampled_again_replaces_its_value_and_placeholders_are_read_when_real(table, monkeypatch):
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu", "deferred"])
+def test_a_position_sampled_again_replaces_its_value_and_placeholders_are_read_when_real(table, monkeypatch, deferred):
     """A prompt prefilled in two chunks samples position 0 twice (M written once); async
     scheduling appends -1 for the token in flight and replaces it before the next step's
-    processors run; a placeholder still there (a finished request) is skipped."""
-    processor = new_processor(monkeypatch)
+    processors run; a placeholder still there (a finished request) is skipped. Deferred: the
+    values reach the host later, as from a GPU, and the figures are the same once written."""
+    processor = new_processor(monkeypatch, table, deferred)
     slot = table.allocate()
     outputs = [[], []]
     everywhere = {"gamma": 0.5, "tau": None, "generator": "rl", "candidates": 0}
@@ -125,7 +160,10 @@ def test_a_position_sampled_again_replaces_its_value_and_placeholders_are_read_w
     count, buckets = delta_count(), delta_buckets()
 
     step(processor, rl, base)  # a non-final chunk: vLLM throws its sample away
+    if deferred:  # the engine's thread went on without waiting for the copy
+        assert table.submitted() == 1 and not table.written_since(1)
     step(processor, rl, base)  # the last chunk of the prompt
+    written(table)
     assert delta_count() == count  # nothing was kept from the first chunk
     assert table.kept(slot, 1) == pytest.approx(1.0)  # not 2: the position was sampled twice
     for out in outputs:
@@ -133,6 +171,7 @@ def test_a_position_sampled_again_replaces_its_value_and_placeholders_are_read_w
     processor.update_state(None)
     outputs[0][-1], outputs[1][-1] = 7, 11  # ... and arrives before the next step's processors
     step(processor, rl, base)
+    written(table)
     assert delta_count() == count + 2
     observed = (float(delta[0, 7]), float(delta[1, 11]))
     assert {bound: value - buckets[bound] for bound, value in delta_buckets().items()} == {
@@ -140,6 +179,7 @@ def test_a_position_sampled_again_replaces_its_value_and_placeholders_are_read_w
     outputs[0].append(-1)  # the first request finishes with its last token never read back
     outputs[1].append(3)
     step(processor, rl, base)
+    written(table)
     assert delta_count() == count + 3
     assert table.kept(slot, 2) == pytest.approx(2.0) and table.kept(slot, 3) == pytest.approx(3.0)
     assert math.isclose(table.kept(slot, 4), 3.0)  # nothing written past what was sampled

@@ -26,6 +26,7 @@ Its configuration is `args.rlvrx` on the app state, set by `rlvrx serve`. Paths 
 as Starlette's router matches them, under `--root-path` too.
 """
 
+import asyncio
 import functools
 import json
 import time
@@ -333,12 +334,20 @@ class ResponseRewriter:
         self.buffer += message.get("body", b"")
         if message.get("more_body"):
             return None
+        await self.settled()
         body = self.rewrite_json(self.buffer)
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.send({**self.start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
         self.observe_end()
+
+    async def settled(self, timeout: float = 5.0) -> None:
+        """Wait until the engine has written the counts it had submitted by now (at once on the
+        CPU; on a GPU they arrive a moment after the step, see server.engine.host_reads)."""
+        submitted, deadline = self.stats.submitted(), time.monotonic() + timeout
+        while not self.stats.written_since(submitted) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
 
     def observe_end(self) -> None:
         metrics.E2E_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.started)
@@ -355,6 +364,8 @@ class ResponseRewriter:
     async def stream_body(self, message):
         self.buffer += message.get("body", b"")
         events, _, self.buffer = self.buffer.rpartition(b"\n\n")
+        if b'"usage":{' in events:
+            await self.settled()
         out = b""
         if events:
             for event in (events + b"\n\n").split(b"\n\n")[:-1]:

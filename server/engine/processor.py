@@ -32,6 +32,7 @@ from kernels import GREEDY_EPS, SELECTION, RowSettings, combine
 from server.engine import metrics
 from server.engine import settings as settings_mod
 from server.engine import stats
+from server.engine.host_reads import HostReads, to_device
 from server.engine.step import STEP
 
 TEMPERATURE_KEY = "_rlvrx_temperature"
@@ -73,8 +74,8 @@ class SampledStep:
     states: list[RowState]
     lengths: list[int]  # len(output_ids) of each row when it was sampled
     ext_position: list[int | None]  # each row's index in the step's extrapolated rows
-    prob: list[float]  # M of each extrapolated row
-    delta: torch.Tensor | None  # Δlog p rows of the extrapolated rows
+    prob: torch.Tensor | None  # [rows of ext] M of each extrapolated row, on the device
+    delta: torch.Tensor | None  # [rows of ext, V] Δlog p of the extrapolated rows, on the device
 
 
 def read_settings(params: SamplingParams, defaults: settings_mod.Extrapolation = settings_mod.Extrapolation()
@@ -134,6 +135,8 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         # Every tensor-parallel rank runs this processor on the same rows; only the first records.
         self.records = get_tensor_model_parallel_rank() == 0
         self.table = self.open_table() if self.records else None
+        marks = (self.table.mark_submitted, self.table.mark_done) if self.table is not None else ()
+        self.reads = HostReads(device.type == "cuda", *marks)
         self.sampled: SampledStep | None = None  # the last step's rows, settled at the next step
 
     @staticmethod
@@ -173,7 +176,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         ext = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough is None)
         base = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough == "base")
         ext_states = [self.rows[i] for i in ext]
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+        as_tensor = lambda values, dtype: to_device(values, dtype, self.device)  # noqa: E731
         selection = [SELECTION[r.settings.selection] for r in ext_states]
         row_settings = RowSettings(
             gamma=as_tensor([r.settings.gamma for r in ext_states], torch.float32),
@@ -202,7 +205,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         if self.plan is None:
             self.plan = self.build_plan(logits.shape[0])
         plan = self.plan
-        prob, delta = [], None
+        prob, delta = None, None
         if plan.ext_rows is not None or plan.base_rows is not None:
             logits, prob, delta = self.combine_rows(logits, plan)
         if self.records:
@@ -210,7 +213,8 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             metrics.COMBINE_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
         return logits
 
-    def combine_rows(self, logits: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+    def combine_rows(self, logits: torch.Tensor, plan: BatchPlan
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The batch's logits with extrapolated and base rows replaced; M and Δlog p of the extrapolated rows."""
         base = STEP.base
         if base is None or base.shape != logits.shape:
@@ -225,29 +229,33 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         if plan.base_rows is not None:
             logits[plan.base_rows] = base[plan.base_rows].float()
         if plan.ext_rows is None:
-            return logits, [], None
+            return logits, None, None
         if plan.ext_all:
             logits, prob, delta = combine(logits, base, plan.settings, want_delta=True)
         else:
             out, prob, delta = combine(logits[plan.ext_rows], base[plan.ext_rows], plan.settings, want_delta=True)
             logits[plan.ext_rows] = out
-        return logits, prob.tolist(), delta
+        return logits, prob, delta
 
-    def record(self, plan: BatchPlan, prob: list[float], delta: torch.Tensor | None) -> None:
-        """Write M of each extrapolated row with a slot to its output position now (the API
-        server reads the slot as soon as the last token arrives), and keep the step to settle
-        the metrics once the kept tokens are known."""
+    def record(self, plan: BatchPlan, prob: torch.Tensor | None, delta: torch.Tensor | None) -> None:
+        """Have M of each extrapolated row with a slot written to its output position (the API
+        server reads the slot when the last token arrives), and keep the step to settle the
+        metrics once the kept tokens are known."""
+        writes = [(state, len(state.output_ids), pos) for pos, state in enumerate(plan.ext_states)
+                  if state.stats_slot is not None]
+        if writes and self.table is not None:
+            self.reads.submit([prob], lambda values: self.write_stats(writes, values[0]))
         ext_position = {id(state): pos for pos, state in enumerate(plan.ext_states)}
-        for pos, state in enumerate(plan.ext_states):
-            if state.stats_slot is None or self.table is None:
-                continue
-            position, value = len(state.output_ids), prob[pos]
+        self.sampled = SampledStep(states=plan.states, lengths=[len(s.output_ids) for s in plan.states],
+                                   ext_position=[ext_position.get(id(s)) for s in plan.states], prob=prob, delta=delta)
+
+    def write_stats(self, writes: list[tuple[RowState, int, int]], prob: list[float]) -> None:
+        for state, position, pos in writes:
+            value = prob[pos]
             if state.written[0] == position:  # sampled again for the same position: replace
                 value -= state.written[1]
             self.table.add(state.stats_slot, position, value)
             state.written[:] = [position, prob[pos]]
-        self.sampled = SampledStep(states=plan.states, lengths=[len(s.output_ids) for s in plan.states],
-                                   ext_position=[ext_position.get(id(s)) for s in plan.states], prob=prob, delta=delta)
 
     def settle(self) -> None:
         """Metrics of the last step's rows whose token vLLM kept (its output list grew; a
@@ -259,19 +267,29 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         step, self.sampled = self.sampled, None
         if step is None:
             return
-        histogram = metrics.DELTA_LOGP.labels(self.model_name, "extrapolated")
-        picked_rows, picked_tokens = [], []
+        picked_rows, picked_tokens, unslotted = [], [], []
         for state, length, pos in zip(step.states, step.lengths, step.ext_position):
             if len(state.output_ids) <= length:
                 continue
             if state.stats_slot is None:
                 metrics.GENERATED_TOKENS.labels(self.model_name, state.settings.label).inc()
                 if pos is not None:
-                    metrics.EXTRAPOLATED_TOKENS.labels(self.model_name, "extrapolated").inc(step.prob[pos])
+                    unslotted.append(pos)
             if pos is not None and 0 <= (token := state.output_ids[length]) < step.delta.shape[1]:
                 picked_rows.append(pos)
                 picked_tokens.append(token)
-        if picked_rows:
-            for value in step.delta[picked_rows, picked_tokens].tolist():
-                if math.isfinite(value):  # a row without a distribution has NaN Δ
-                    histogram.observe(value)
+        if not picked_rows and not unslotted:
+            return
+        index = lambda values: to_device(values, torch.int64, step.delta.device)  # noqa: E731
+        rows, tokens = index(picked_rows), index(picked_tokens)
+        self.reads.submit([step.prob[index(unslotted)], step.delta[rows, tokens]], self.observe)
+
+    def observe(self, values: list[list[float]]) -> None:
+        """Metrics from device values: M of kept rows without a slot, Δlog p of kept tokens."""
+        unslotted_prob, delta = values
+        if unslotted_prob:
+            metrics.EXTRAPOLATED_TOKENS.labels(self.model_name, "extrapolated").inc(sum(unslotted_prob))
+        histogram = metrics.DELTA_LOGP.labels(self.model_name, "extrapolated")
+        for value in delta:
+            if math.isfinite(value):  # a row without a distribution has NaN Δ
+                histogram.observe(value)

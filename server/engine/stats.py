@@ -6,7 +6,10 @@ A float64 table in a memory-mapped file (under /dev/shm where it exists), one ro
 (all its choices share it), carried in `extra_args` with the admission token (`admit`), and
 reads the slot when the response is complete; the logits processor of the sampling rank writes each step's
 extrapolation probability M for the row's output position before the token is sampled, so
-the figure is final by the time the last token reaches the API server.
+the figure is final by the time the last token reaches the API server. (On a GPU the values
+reach the host without blocking the engine, a moment later: the table counts the engine's
+submitted and finished writes, and the API server waits, when a response ends, until what was
+submitted by then is written — `server.engine.host_reads`.)
 
 Only kept tokens count: a row is sampled several times for one position when a long prompt
 is prefilled in chunks (every chunk but the last is thrown away) or when a preempted
@@ -32,6 +35,7 @@ SLOTS = 1 << 14  # requests in flight at once
 RING = 32  # positions of each slot kept past the response's end: the steps a stop may take to reach the engine
 TOTAL, LAST = 0, 1  # columns: the sum over positions, the highest position written (-1: none)
 WIDTH = 2 + RING
+SUBMITTED, DONE = 0, 1  # columns of the header row (after the slots): the engine's deferred writes
 
 # Proof that extra_args came from this API server's admission: the engine process's
 # validate_params checks it (same process) before the request leaves for the engine.
@@ -42,9 +46,10 @@ class StatsTable:
     def __init__(self, path: str, create: bool = False):
         self.path = path
         mode = "w+" if create else "r+"
-        self.table = np.memmap(path, dtype=np.float64, mode=mode, shape=(SLOTS, WIDTH))
+        self.table = np.memmap(path, dtype=np.float64, mode=mode, shape=(SLOTS + 1, WIDTH))
+        self.header = self.table[SLOTS]
         if create:
-            self.table[:, LAST] = -1.0
+            self.table[:SLOTS, LAST] = -1.0
         self.free: collections.deque[int] = collections.deque(range(SLOTS))
 
     @classmethod
@@ -80,10 +85,23 @@ class StatsTable:
             return float(row[TOTAL])
         return float(row[TOTAL] - sum(row[2 + p % RING] for p in range(tokens, last + 1)))
 
+    def submitted(self) -> float:
+        return float(self.header[SUBMITTED])
+
+    def written_since(self, submitted: float) -> bool:
+        """The engine has written everything it had submitted when `submitted()` was read."""
+        return self.header[DONE] >= submitted
+
     def remove(self) -> None:
         Path(self.path).unlink(missing_ok=True)
 
     # --- engine: writing --------------------------------------------------------------------
+
+    def mark_submitted(self) -> None:
+        self.header[SUBMITTED] += 1
+
+    def mark_done(self) -> None:
+        self.header[DONE] += 1
 
     def add(self, slot: int, position: int, value: float) -> None:
         """Add `value` to the slot's output position `position` (a difference when the
