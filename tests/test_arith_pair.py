@@ -32,3 +32,13 @@ def test_training_pipeline_writes_a_servable_pair(tmp_path):
                   rl_samples=2, alpha=0.2)
     base, rl = arith_pair.train_pair(tmp_path, cfg, log=lambda _: None)
     assert check_pair(str(rl), str(base)) == "Qwen2ForCausalLM"
+
+
+def test_lora_child_is_an_adapter_the_stacked_model_serves(tmp_path):
+    from server.engine.pair import check_adapter_pair
+    from tests.conftest import ROOT
+
+    base = ROOT / "demo" / "pair" / "base"
+    cfg = replace(arith_pair.TrainConfig(), rl_steps=2, rl_prompts=4, rl_samples=2, lora_rank=4)
+    arith_pair.train_rl(base, tmp_path / "lora", cfg, log=lambda _: None)
+    assert check_adapter_pair(str(tmp_path / "lora"), str(base)) == "Qwen2ForCausalLM"
