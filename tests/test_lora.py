@@ -7,16 +7,20 @@ both generators, a mixed batch against each request alone, masks and logit bias 
 streams, the selection criteria. `:rl` and extrapolation off equal vLLM serving the merged
 model alone, `:base` equals vLLM serving the base alone (the same tokens; logprobs within
 1e-4: the stacked model adds s·(x·Aᵀ)·Bᵀ where the merged model multiplies by W + s·B·A, so
-the float32 roundings differ). Compiled and TP 2 runs give what the eager TP 1 run gives.
+the float32 roundings differ). Compiled and TP 2 runs give what the eager TP 1 run gives, and
+`rlvrx serve` takes the adapter directory as `--rl`.
 """
 
+import math
+
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from server.toy_pair import build_lora_child, build_pair
 from tests import engine_checks as checks
-from tests.conftest import run_engine
+from tests.conftest import ref_settings, run_engine, start_server, stop_server
 
 VARIANTS = {  # name: (family of the base, LoRA options)
     "qwen2-patterns": ("qwen2", {"rank_pattern": {"o_proj": 2}, "alpha_pattern": {"down_proj": 4.0}}),
@@ -95,3 +99,25 @@ def test_compiled_and_tensor_parallel_serve_what_eager_tp1_serves(runs, referenc
         assert len(runs[mode][batch]) == len(eager[batch])
         for got, want in zip(runs[mode][batch], eager[batch]):
             checks.check_same_choice(got[0], want[0], PASSTHROUGH_TOL)
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_pairs, tmp_path_factory):
+    base, adapter, _ = lora_pairs["qwen2-patterns"]
+    proc, url = start_server((base, adapter), tmp_path_factory.mktemp("server") / "server.log")
+    yield url
+    stop_server(proc)
+
+
+def test_rlvrx_serve_takes_an_adapter_directory(lora_server, references):
+    client = openai.OpenAI(base_url=lora_server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = checks.PROMPTS[1]
+    full = {"gamma": 0.5, "tau": None, "generator": "rl", "candidates": 0}
+    for model, fields, s in (("toy", full, ref_settings(0.5, None, "rl", 0)),
+                             ("toy:base", {}, ref_settings(0.0, -math.inf, "base", 0))):
+        response = client.completions.create(
+            model=model, prompt=prompt, max_tokens=checks.MAX_TOKENS, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True, **fields})
+        assert response.choices[0].token_ids == checks.reference_greedy(references["qwen2-patterns"], prompt, s)
+        extrapolated = response.usage.model_extra["extrapolated_tokens"]
+        assert extrapolated == (checks.MAX_TOKENS if model == "toy" else 0)  # τ = null: every position
