@@ -4,6 +4,12 @@ On every POST it removes the processor's private keys (`_rlvrx…`) from the bod
 they are (`vllm_xargs` of every route that takes one, `sampling_params.extra_args`, …): only
 the middleware sets them, so no client value reaches the engine under them.
 
+On SageMaker's /invocations (a chat or a completions body) it does all that follows; on
+/v1/responses and /v1/messages it reads the extrapolation fields and the preset and hands them
+to the engine; on /v1/chat/completions/batch, which passes no `vllm_xargs`, it refuses any
+setting but the server's defaults, so that no route silently serves another distribution than
+the one asked for.
+
 On /v1/chat/completions and /v1/completions it also:
 
 * refuses unknown fields (those of OpenAI's documented request are known) and chat roles
@@ -45,6 +51,12 @@ from server.engine import metrics as engine_metrics
 from server.engine import stats as stats_mod
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+INVOCATIONS = "/invocations"  # SageMaker's: a chat or a completions body, told apart by its fields
+# Generation routes of other formats: their requests take the settings (fields, preset) through
+# vllm_xargs but carry no usage figures (the engine counts their tokens for the metrics) ...
+SETTINGS_ROUTES = ("/v1/responses", "/v1/messages")
+# ... or take no vllm_xargs at all: only the server's default settings can apply there.
+DEFAULTS_ONLY_ROUTES = ("/v1/chat/completions/batch",)
 EXTRAPOLATION_FIELDS = {*settings_mod.FIELDS, "extrapolation"}
 PRESET_SUFFIXES = {":rl": "rl", ":base": "base"}
 PRIVATE_PREFIX = stats_mod.PRIVATE_PREFIX
@@ -220,7 +232,7 @@ class ExtrapolationMiddleware:
         # The path Starlette's router matches: without --root-path's prefix
         path = get_route_path(scope)
         body = await read_body(receive)
-        if path not in ROUTES:
+        if path not in (*ROUTES, INVOCATIONS, *SETTINGS_ROUTES, *DEFAULTS_ONLY_ROUTES):
             return await self.app(scope, replay(without_private_keys(body), receive), send)
         try:
             payload = parse_json(body)
@@ -229,11 +241,23 @@ class ExtrapolationMiddleware:
         if not isinstance(payload, dict):  # let vLLM answer other malformed bodies its own way
             return await self.app(scope, replay(body, receive), send)
         strip_private(payload)
+        if path == INVOCATIONS:
+            path = "/v1/chat/completions" if "messages" in payload else "/v1/completions"
         try:
-            check_request(payload, path, config)
+            if path in ROUTES:
+                check_request(payload, path, config)
             found = request_settings(payload, config)
+            if path in DEFAULTS_ONLY_ROUTES and found != config.defaults:
+                field = next((f for f in settings_mod.FIELDS if getattr(found, f) != getattr(config.defaults, f)), "model")
+                raise settings_mod.SettingsError(field, f"'{field}': {path} passes no extrapolation settings to the "
+                                                        "engine (only the server's defaults and the plain served name)")
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
+        if path not in ROUTES:
+            metrics.observe_request(config.served_name, found.label, found)
+            if path in SETTINGS_ROUTES:
+                payload["vllm_xargs"] = {**(payload.get("vllm_xargs") or {}), **found.as_xargs()}
+            return await self.app(scope, replay(json.dumps(payload).encode(), receive), send)
         if found.passthrough == "base":  # vLLM would apply the RL model's generation config
             if self.base_sampling is None:
                 self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
