@@ -75,33 +75,51 @@ _FIELDS = ("gamma", "tau", "use_base", "candidates", "temperature", "top_p")
 SELECTION = {"delta_logp": 0, "entropy": 1, "random": 2}  # codes of RowSettings.selection
 
 
-def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-p truncation of log-probability rows, renormalised.
+PARTIAL_WIDTHS = (64, 512, 4096)  # partial sorts tried before a full one: an LM row's top-p head fits the first
 
-    A token is kept when the mass of the tokens strictly more probable than it is below
-    top_p; ties at the boundary are all kept. `logp` [N, V] (normalised), `top_p` [N].
+
+def top_p_threshold(logp: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where top-p cuts each row: it keeps exactly the tokens with logp ≥ threshold, whose total
+    probability is exp(log_mass). `logp` [N, W] normalised log-probabilities, `top_p` [N];
+    both outputs [N, 1] (threshold −inf and log_mass 0 where top_p ≥ 1).
+
+    A token is kept when the mass of the tokens strictly more probable than it is below top_p,
+    so every token tied with the last one kept is kept too. The cut is read off a partial sort
+    (top-m) of the row once the sorted head reaches past it; m grows through PARTIAL_WIDTHS, and
+    only a row whose kept set is wider than the largest gets a full sort.
     """
-    sorted_logp, _ = logp.sort(dim=-1, descending=True)
-    sorted_p = sorted_logp.exp()
-    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    num_kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
-    threshold = sorted_logp.gather(1, num_kept - 1)
-    keep = (logp >= threshold) | (top_p >= 1.0).unsqueeze(1)
-    kept = logp.masked_fill(~keep, float("-inf"))
-    return kept - kept.logsumexp(dim=-1, keepdim=True)
+    rows, width = logp.shape
+    threshold = logp.new_full((rows, 1), float("-inf"))
+    log_mass = logp.new_zeros((rows, 1))
+    pending = (top_p < 1.0).nonzero().squeeze(1)
+    for m in (*PARTIAL_WIDTHS, width):
+        if pending.numel() == 0:
+            break
+        head = logp[pending].topk(min(m, width), dim=-1).values  # m >= width: a full sort
+        p = head.exp()
+        mass_before = p.cumsum(dim=-1) - p
+        num_kept = (mass_before < top_p[pending].unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
+        cut = head.gather(1, num_kept - 1)
+        # Past the cut when the head's last value is below it: no token outside the head is kept.
+        done = (head[:, -1:] < cut).squeeze(1) | (m >= width)
+        threshold[pending[done]] = cut[done]
+        log_mass[pending[done]] = p.masked_fill(head < cut, 0.0).sum(dim=-1, keepdim=True)[done].log()
+        pending = pending[~done]
+    return threshold, log_mass
 
 
-def candidate_mask(gen_logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Bool [N, V]: the generator's top-k tokens by raw logit (ties at the k-th value
-    included); every token where k == 0."""
-    vocab = gen_logits.shape[-1]
-    k = candidates.clamp(min=0, max=vocab)
-    kmax = int(k.max()) if k.numel() else 0
-    if kmax == 0:
-        return torch.ones_like(gen_logits, dtype=torch.bool)
-    top_vals = gen_logits.topk(kmax, dim=-1).values
-    kth = top_vals.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
-    return (gen_logits >= kth) | (k == 0).unsqueeze(1)
+def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p truncation of log-probability rows, renormalised (−inf where cut).
+
+    `logp` [N, W] normalised, `top_p` [N]; see `top_p_threshold` for which tokens are kept.
+    """
+    threshold, log_mass = top_p_threshold(logp, top_p)
+    return (logp - log_mass).masked_fill(logp < threshold, float("-inf"))
+
+
+def log_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Δ = a − b of RL and base log-probs; −inf where a is −inf (a masked token)."""
+    return (a - b).masked_fill(a == float("-inf"), float("-inf"))
 
 
 class Combined(NamedTuple):
@@ -120,46 +138,116 @@ def combine(
     """
     rl = rl_logits.float()
     base = base_logits.float()
-    a = rl.log_softmax(dim=-1)
-    b = base.log_softmax(dim=-1)
-    broken = (a.isnan() | b.isnan()).any(dim=-1)  # exactly the rows without a distribution
-    rl_banned = a == float("-inf")
-    delta = torch.where(rl_banned, float("-inf"), a - b)
-
-    gen = torch.where(settings.use_base.unsqueeze(1), base, rl)
-    gamma = settings.gamma.unsqueeze(1)
-    e = torch.where(rl_banned, float("-inf"), (1 + gamma) * a - gamma * b)
-    in_s = candidate_mask(gen, settings.candidates)
-    has_finite = (in_s & (e > float("-inf"))).any(dim=-1, keepdim=True)
-    e = e.masked_fill(~(in_s | ~has_finite), float("-inf"))
-
-    tau = settings.tau.unsqueeze(1)
+    rows, vocab = rl.shape
+    lse_rl = rl.logsumexp(dim=-1, keepdim=True)
+    lse_base = base.logsumexp(dim=-1, keepdim=True)
+    broken = ~(lse_rl.isfinite() & lse_base.isfinite()).squeeze(1)  # exactly the rows without a distribution
     greedy = settings.temperature < GREEDY_EPS
     temp = torch.where(greedy, 1.0, settings.temperature).unsqueeze(1)
+    gen = torch.where(settings.use_base.unsqueeze(1), base, rl)
 
-    # Sampled rows: q = p_g·1[Δ > τ] + M·p_x, in log space.
-    log_pg = top_p_log((gen / temp).log_softmax(dim=-1), settings.top_p)
-    log_px = top_p_log((e / temp).log_softmax(dim=-1), settings.top_p)
+    # The generator's head (top-m by raw logit) holds the candidate set S when k > 0 (S is
+    # every token with a logit ≥ the k-th largest; k ≥ V is every token, as k = 0).
+    k = settings.candidates.clamp(min=0, max=vocab)
+    k = k.masked_fill(k == vocab, 0)
+    width = min(vocab, max(PARTIAL_WIDTHS[0], int(k.max()) + 1 if rows else 0))
+    head_logits, head = gen.topk(width, dim=-1)
+    kth = head_logits.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).masked_fill((k == 0).unsqueeze(1), float("-inf"))
+
     y0 = gen.argmax(dim=-1, keepdim=True)
-    greedy_flag = delta.gather(1, y0).squeeze(1) <= settings.tau
-    if settings.selection is None:
-        flagged = delta <= tau
-        prob_ext = log_pg.exp().masked_fill(~flagged, 0.0).sum(dim=-1).clamp(max=1.0)
-        log_kept = log_pg.masked_fill(flagged, float("-inf"))
-    else:
+    greedy_flag = log_ratio(rl.gather(1, y0) - lse_rl, base.gather(1, y0) - lse_base).squeeze(1) <= settings.tau
+    flag_prob = None
+    if settings.selection is not None:
         flag_prob, greedy_flag = position_flags(gen, settings, greedy_flag)
-        by_delta = (settings.selection == SELECTION["delta_logp"]).unsqueeze(1)
-        keep_weight = torch.where(by_delta, (delta > tau).float(), 1.0 - flag_prob.unsqueeze(1))
-        prob_ext = (log_pg.exp() * (1.0 - keep_weight)).sum(dim=-1).clamp(max=1.0)
-        log_kept = log_pg + keep_weight.log()
-    log_q = torch.logaddexp(log_kept, prob_ext.log().unsqueeze(1) + log_px)
+    batch = _Batch(rl, base, gen, lse_rl, lse_base, (gen / temp).logsumexp(dim=-1, keepdim=True), temp, kth,
+                   settings, flag_prob)
 
-    # Greedy rows: extrapolate when the argmax proposal is flagged.
-    greedy_row = torch.where(greedy_flag.unsqueeze(1), e, gen)
+    # A greedy row that keeps its proposal is the generator's row. The others are computed on
+    # the generator's head while their support (S and the kept set of p_g) fits in it, the head
+    # growing for the rows it does not hold yet (up to a full sort); a sampled row with top-p 1
+    # or S = every token is computed on every token.
+    out = torch.full_like(rl, float("-inf"))
+    prob = torch.zeros_like(settings.tau)
+    todo = ~broken & ~(greedy & ~greedy_flag)
+    head_may_fit = (k > 0) & (greedy | (settings.top_p < 1.0)) | (width == vocab)
+    on_head = (todo & head_may_fit).nonzero().squeeze(1)
+    cols = head[on_head]
+    while on_head.numel():
+        values, row_prob, fits = batch.rule_at(on_head, cols)
+        done = on_head[fits]
+        out[done.unsqueeze(1), cols[fits]] = values[fits]
+        prob[done] = row_prob[fits]
+        todo[done] = False
+        on_head = on_head[~fits]
+        width = min(vocab, next((w for w in PARTIAL_WIDTHS if w > width), vocab))
+        cols = gen[on_head].topk(width, dim=-1).indices
+    on_vocab = todo.nonzero().squeeze(1)
+    if on_vocab.numel():
+        out[on_vocab], prob[on_vocab], _ = batch.rule_at(on_vocab, None)
+    proposal_kept = (greedy & ~greedy_flag & ~broken).nonzero().squeeze(1)
+    out[proposal_kept] = gen[proposal_kept]
 
-    out = torch.where(greedy.unsqueeze(1), greedy_row, log_q).masked_fill(broken.unsqueeze(1), math.nan)
-    prob = torch.where(greedy, greedy_flag.float(), prob_ext).masked_fill(broken, 0.0)
-    return Combined(out, prob, delta.masked_fill(broken.unsqueeze(1), math.nan) if want_delta else None)
+    out.masked_fill_(broken.unsqueeze(1), math.nan)
+    prob.masked_fill_(broken, 0.0)
+    delta = log_ratio(rl - lse_rl, base - lse_base).masked_fill(broken.unsqueeze(1), math.nan) if want_delta else None
+    return Combined(out, prob, delta)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What the rule needs of every row of a batch: [N, V] logits, [N, 1] per-row values."""
+
+    rl: torch.Tensor
+    base: torch.Tensor
+    gen: torch.Tensor  # the generator's raw logits
+    lse_rl: torch.Tensor  # logsumexp of rl
+    lse_base: torch.Tensor
+    lse_gen: torch.Tensor  # logsumexp of gen / temp
+    temp: torch.Tensor  # temperature, 1 on greedy rows
+    kth: torch.Tensor  # S = tokens with gen ≥ kth (−inf: every token)
+    settings: RowSettings
+    flag_prob: torch.Tensor | None  # [N] position-level flag probability (position_flags), if any row uses one
+
+    def rule_at(self, rows: torch.Tensor, cols: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rule on `rows` [n] (no broken row, no greedy row that keeps its proposal) at the
+        token ids `cols` [n, W] of each (None: every token).
+
+        Partial columns must be the generator's head in descending order. Returns the output row
+        at the columns [n, W] (log q, or e on S for greedy rows), M [n] (1 on greedy rows) and whether the columns
+        hold the row's support [n] (always true for every token): then every other token is −inf.
+        """
+        s = self.settings.select(rows)
+        take = (lambda x: x[rows]) if cols is None else (lambda x: x[rows.unsqueeze(1), cols])
+        rl, base, gen = take(self.rl), take(self.base), take(self.gen)
+        gamma, tau, temp = s.gamma.unsqueeze(1), s.tau.unsqueeze(1), self.temp[rows]
+        a, b = rl - self.lse_rl[rows], base - self.lse_base[rows]
+        delta = log_ratio(a, b)
+        e = ((1 + gamma) * a - gamma * b).masked_fill(a == float("-inf"), float("-inf"))
+        in_s = gen >= self.kth[rows]
+        has_finite = (in_s & (e > float("-inf"))).any(dim=-1, keepdim=True)  # else S widens to every token
+        e = e.masked_fill(~(in_s | ~has_finite), float("-inf"))
+
+        # Sampled rows: q = p_g·1[Δ > τ] + M·p_x, in log space.
+        log_pg = top_p_log(gen / temp - self.lse_gen[rows], s.top_p)
+        log_px = top_p_log((e / temp).log_softmax(dim=-1), s.top_p)
+        if self.flag_prob is None:
+            flagged = delta <= tau
+            prob = log_pg.exp().masked_fill(~flagged, 0.0).sum(dim=-1).clamp(max=1.0)
+            log_kept = log_pg.masked_fill(flagged, float("-inf"))
+        else:
+            by_delta = (s.selection == SELECTION["delta_logp"]).unsqueeze(1)
+            keep_weight = torch.where(by_delta, (delta > tau).float(), 1.0 - self.flag_prob[rows].unsqueeze(1))
+            prob = (log_pg.exp() * (1.0 - keep_weight)).sum(dim=-1).clamp(max=1.0)
+            log_kept = log_pg + keep_weight.log()
+        log_q = torch.logaddexp(log_kept, prob.log().unsqueeze(1) + log_px)
+        greedy = (s.temperature < GREEDY_EPS).unsqueeze(1)
+        values = torch.where(greedy, e, log_q)
+        prob = prob.masked_fill(greedy.squeeze(1), 1.0)  # a greedy row here is flagged
+
+        # The columns hold the support when neither S nor the kept set of p_g reaches the last one.
+        whole = cols is None or cols.shape[1] == self.rl.shape[1]
+        fits = has_finite & ~in_s[:, -1:] & (greedy | (log_pg[:, -1:] == float("-inf")))
+        return values, prob, fits.squeeze(1) | whole
 
 
 def position_flags(gen: torch.Tensor, settings: RowSettings, delta_flag: torch.Tensor
