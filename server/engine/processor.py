@@ -13,6 +13,11 @@ takes the base model's rows left by the wrapper model (`server.engine.step`) and
 vLLM applies allowed-token, bad-words, min-tokens and logit-bias edits to the RL rows
 before this processor; when a row has any, the same edits are carried over to its
 base row (the difference against an unedited copy), so both models see one request.
+
+Bookkeeping (on the first tensor-parallel rank only; every rank combines the same rows):
+M of each extrapolated row goes to its request's stats slot at its output position, and
+at the next step the rows whose token vLLM kept are settled for the metrics (`settle`);
+device values reach the host without blocking the step (`server.engine.host_reads`).
 """
 
 import math
