@@ -1,5 +1,6 @@
 """Command line: `rlvrx serve` (the OpenAI server for a pair), `rlvrx eval` (accuracy of an
-endpoint), `rlvrx demo` (build a pair).
+endpoint), `rlvrx demo` (build a pair), `rlvrx lora-extract` (a full RL checkpoint as a LoRA
+adapter of its base, tools/lora_extract.py).
 
 `rlvrx serve --rl PATH --base PATH [--gamma G --tau T --generator base|rl --candidates K]
 [any vLLM serve flag]` checks the pair, then starts vLLM's OpenAI server with the
@@ -85,7 +86,27 @@ def our_parser() -> argparse.ArgumentParser:
                     help="boxed: math-verify on the last \\boxed{}; exact: the whole answer")
     ev.add_argument("--out", default="eval/results.jsonl", help="results JSONL (appended; reruns resume)")
     ev.add_argument("--plot", default=None, help="PNG of accuracy against γ per τ (default: next to --out)")
+    extract = sub.add_parser("lora-extract", help="a full RL checkpoint as a LoRA adapter of its base "
+                                                   "(truncated SVD of each projection's delta), for the stacked model")
+    extract.add_argument("--base", required=True, help="path of the base checkpoint")
+    extract.add_argument("--rl", required=True, help="path of the full RL checkpoint")
+    extract.add_argument("--rank", type=rank_arg, help="rank R of every projection delta, or 'full'")
+    extract.add_argument("--out", required=True, help="adapter directory to write (the report's, with --report)")
+    extract.add_argument("--targets", nargs="+", default=None, metavar="PROJ",
+                         help="projections to extract (default: q/k/v/o_proj and gate/up/down_proj)")
+    extract.add_argument("--report", action="store_true",
+                         help="instead of an adapter, the energy of each projection delta captured by its top-R "
+                              "singular values (table, rank_energy.{json,md,png} in --out)")
+    extract.add_argument("--ranks", default="1,4,16,64", help="comma-separated ranks of the --report table")
     return parser
+
+
+def rank_arg(text: str) -> int | str:
+    if text == "full":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer or 'full', not {text!r}")
+    return int(text)
 
 
 def fail(message: str) -> NoReturn:
@@ -238,6 +259,29 @@ def evaluate(ours: argparse.Namespace) -> None:
     evaluation.plot(rows, Path(ours.plot) if ours.plot else results.with_suffix(".png"))
 
 
+def lora_extract(ours: argparse.Namespace) -> None:
+    from tools import lora_extract as tool
+
+    targets = tuple(ours.targets or tool.PROJECTIONS)
+    unknown = sorted(set(targets) - set(tool.PROJECTIONS))
+    if unknown:
+        fail(f"--targets: {', '.join(unknown)} is not one of {', '.join(tool.PROJECTIONS)}")
+    try:
+        if ours.report:
+            ranks = tuple(rank_arg(r) for r in ours.ranks.split(",") if r != "full")
+            print(tool.energy_report(ours.base, ours.rl, ours.out, ranks, targets))
+            return
+        if ours.rank is None:
+            fail("lora-extract needs --rank (or --report)")
+        rows = tool.extract(ours.base, ours.rl, None if ours.rank == "full" else ours.rank, ours.out, targets)
+    except argparse.ArgumentTypeError as exc:
+        fail(f"--ranks: {exc}")
+    except PairError as exc:
+        fail(str(exc))
+    print(tool.format_groups(rows))
+    print(f"rlvrx: wrote the adapter to {ours.out}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     ours, rest = our_parser().parse_known_args(argv)
     if ours.command == "serve":
@@ -247,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown arguments: {' '.join(rest)}")
     if ours.command == "eval":
         evaluate(ours)
+    elif ours.command == "lora-extract":
+        lora_extract(ours)
     else:
         demo(ours)
 

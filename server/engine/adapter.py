@@ -6,6 +6,11 @@ s = α/r, or α/√r under rsLoRA, and r, α overridden per module by `rank_patt
 `alpha_pattern` (matched as PEFT matches them). The tensors in the file are the truth for
 what is targeted; everything that is not plain LoRA on the seven projections of a decoder
 layer (q/k/v/o, gate/up/down) is refused with `AdapterError`, one line.
+
+Beside the adapter, `rlvrx lora-extract` may write `rlvrx_rl_tensors.safetensors`: the RL model's
+own copies of the tensors that cannot be LoRA deltas (embeddings, lm_head, norms, q/k/v biases),
+under their checkpoint names, which the stacked model gives to the RL stream. PEFT's own ways of
+carrying full tensors (`modules_to_save`, trainable tokens) stay refused.
 """
 
 import json
@@ -21,6 +26,7 @@ from server.engine.pair import PairError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+RL_TENSORS_FILE = "rlvrx_rl_tensors.safetensors"
 # Base architectures the stacked model implements, by decoder family.
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -44,10 +50,20 @@ REFUSED_FIELDS = {
     "kasa_config": "KaSA (kasa_config)",
 }
 WEIGHT_NAME = re.compile(r"base_model\.model\.(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+))\.lora_([AB])\.weight")
+# The tensors the stacked model can hold per stream (checkpoint names).
+STREAM_TENSOR = re.compile(
+    r"(model\.embed_tokens|lm_head|model\.norm)\.weight"
+    r"|model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.q_norm|self_attn\.k_norm)\.weight"
+    r"|model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.bias")
 
 
 class AdapterError(PairError):
     """The adapter cannot be served on this base; the message says why in one line."""
+
+
+def weight_name(key: str, half: str) -> str:
+    """PEFT's name of lora_A or lora_B ("A", "B") of the projection `key` (model.layers.i.….q_proj)."""
+    return f"base_model.model.{key}.lora_{half}.weight"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -64,6 +80,7 @@ class BaseShapes:
     """The base model's sizes that fix each projection's [out, in]."""
 
     layers: int
+    vocab: int
     hidden: int
     intermediate: int
     heads: int
@@ -73,7 +90,7 @@ class BaseShapes:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "BaseShapes":
         heads = config["num_attention_heads"]
-        return cls(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+        return cls(layers=config["num_hidden_layers"], vocab=config["vocab_size"], hidden=config["hidden_size"],
                    intermediate=config["intermediate_size"], heads=heads,
                    kv_heads=config.get("num_key_value_heads") or heads,
                    head_dim=config.get("head_dim") or config["hidden_size"] // heads)
@@ -84,6 +101,15 @@ class BaseShapes:
         return {"q_proj": (q, self.hidden), "k_proj": (kv, self.hidden), "v_proj": (kv, self.hidden),
                 "o_proj": (self.hidden, q), "gate_proj": (self.intermediate, self.hidden),
                 "up_proj": (self.intermediate, self.hidden), "down_proj": (self.hidden, self.intermediate)}[module]
+
+    def stream_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a tensor that STREAM_TENSOR matches."""
+        module, kind = name.split(".")[-2:]
+        if kind == "bias":
+            return (self.shape(module)[0],)
+        if module in ("embed_tokens", "lm_head"):
+            return (self.vocab, self.hidden)
+        return (self.head_dim,) if module in ("q_norm", "k_norm") else (self.hidden,)
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,7 @@ class LoraWeights:
 class Adapter:
     shapes: BaseShapes
     modules: dict[tuple[int, str], LoraWeights]  # (layer index, projection name) → weights
+    rl_tensors: dict[str, torch.Tensor]  # checkpoint name → the RL stream's own copy (RL_TENSORS_FILE)
 
     def packed(self, layer: int, names: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """The LoRA of a packed layer (q/k/v → qkv_proj, gate/up → gate_up_proj) as one low-rank
@@ -189,7 +216,31 @@ def read_adapter(path: str | Path, base_config: dict[str, Any]) -> Adapter:
                 f"and rank {rank} need ({rank}, {in_size}) and ({out_size}, {rank})")
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[layer, module] = LoraWeights(a=a, b=b * scale)
-    return Adapter(shapes=shapes, modules=modules)
+    return Adapter(shapes=shapes, modules=modules, rl_tensors=read_rl_tensors(path, shapes, base_config))
+
+
+def read_rl_tensors(path: Path, shapes: BaseShapes, base_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The RL model's own tensors in RL_TENSORS_FILE (none without the file), checked against the base."""
+    from safetensors.torch import load_file
+
+    if not (path / RL_TENSORS_FILE).is_file():
+        return {}
+    family = FAMILIES.get((base_config.get("architectures") or [None])[0])
+    absent = {"q_norm": family != "qwen3", "k_norm": family != "qwen3",
+              "bias": family != "qwen2" and not base_config.get("attention_bias"),
+              "lm_head": base_config.get("tie_word_embeddings", False)}
+    tensors = load_file(str(path / RL_TENSORS_FILE))
+    for name, tensor in tensors.items():
+        match = STREAM_TENSOR.fullmatch(name)
+        layer = match and (match[2] or match[4])
+        parts = name.split(".")[-2:]
+        if match is None or (layer and int(layer) >= shapes.layers) or any(absent.get(p) for p in parts):
+            raise AdapterError(f"{RL_TENSORS_FILE} in {str(path)!r} holds {name!r}, which the stacked model "
+                               "does not hold per stream on this base")
+        if tuple(tensor.shape) != shapes.stream_shape(name):
+            raise AdapterError(f"{RL_TENSORS_FILE} in {str(path)!r} holds {name!r} of shape {tuple(tensor.shape)}; "
+                               f"this base model's is {shapes.stream_shape(name)}")
+    return tensors
 
 
 def unexpected(name: str) -> str:

@@ -1,0 +1,139 @@
+"""`rlvrx lora-extract` (tools/lora_extract.py): at full rank the adapter, merged by peft, with the
+RL tensors written beside it, is the RL model (float64 logits); at rank R each delta is the best
+rank-R approximation (Eckart–Young, against torch.linalg.svd); the report's energies are the
+singular values'; refused pairs end in one line with exit code 2."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from server.engine.adapter import RL_TENSORS_FILE, read_adapter
+from server.engine.pair import PairError, check_adapter_pair
+from server.toy_pair import build_pair, build_tokenizer
+from tests.conftest import ROOT, child_env
+from tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 12]])
+
+
+def config(path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def float64(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_full_rank_reproduces_the_rl_model(toy_pairs, tmp_path, family):
+    from peft import PeftModel
+
+    base, rl = toy_pairs[family]
+    rows = extract(base, rl, None, tmp_path)
+    assert check_adapter_pair(str(tmp_path), str(base)) == config(base)["architectures"][0]  # the server takes it
+    assert all(row["dropped_over_delta"] < 1e-5 and row["how"] in ("LoRA", "RL copy", "equal") for row in rows)
+    merged = PeftModel.from_pretrained(float64(base), tmp_path).merge_and_unload()
+    rl_tensors = load_file(str(tmp_path / RL_TENSORS_FILE))
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= rl_tensors.keys()
+    assert not merged.load_state_dict({k: v.double() for k, v in rl_tensors.items()}, strict=False).unexpected_keys
+    with torch.no_grad():
+        got, want = merged(IDS).logits, float64(rl)(IDS).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_each_delta_is_the_best_rank_r_approximation(toy_pairs, tmp_path):
+    base, rl = toy_pairs["qwen2"]
+    rank = 3
+    rows = {row["group"]: row for row in extract(base, rl, rank, tmp_path)}
+    adapter = read_adapter(tmp_path, config(base))
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(rl / "model.safetensors"))
+    residual = {}
+    for name, w in before.items():
+        match = PROJECTION_WEIGHT.fullmatch(name)
+        if match is None:
+            continue
+        delta = after[name].double() - w.double()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+        lora = adapter.modules[int(name.split(".")[2]), match[2]]
+        assert lora.a.shape[0] == rank
+        # The tool's SVD is float32's: off by about eps·σ₁/(σ_R − σ_R+1) of the delta.
+        assert torch.allclose((lora.b @ lora.a).double(), best, atol=1e-4 * delta.abs().max().item()), name
+        group = residual.setdefault(name.replace(name.split(".")[2], "N", 1), [0.0, 0.0])
+        group[0] += s[rank:].square().sum().item()
+        group[1] += s.square().sum().item()
+    for group, (dropped, total) in residual.items():
+        assert rows[group]["dropped_over_delta"] == pytest.approx((dropped / total) ** 0.5, rel=1e-4)
+
+
+def test_report_gives_the_energy_of_the_top_singular_values(toy_pairs, tmp_path):
+    base, rl = toy_pairs["llama"]
+    table = energy_report(base, rl, tmp_path, ranks=(1, 4))
+    energy = json.loads((tmp_path / "rank_energy.json").read_text())
+    assert (tmp_path / "rank_energy.png").stat().st_size > 0 and "| rank 1 | rank 4 |" in table
+    name = "model.layers.1.mlp.down_proj"
+    delta = load_file(str(rl / "model.safetensors"))[f"{name}.weight"] - load_file(str(base / "model.safetensors"))[f"{name}.weight"]
+    s2 = torch.linalg.svdvals(delta.double()).square()
+    assert energy[name] == pytest.approx((s2.cumsum(0) / s2.sum()).tolist(), abs=1e-6)
+    assert len(energy) == 2 * 7 and all(e[-1] == pytest.approx(1.0) for e in energy.values())
+
+
+def extract_fails(base, rl, out, *extra) -> str:
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "lora-extract", "--base", str(base), "--rl", str(rl),
+                           "--rank", "2", "--out", str(out), *extra],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("rlvrx: error: "), proc.stderr
+    assert not (out / "adapter_config.json").exists()
+    return lines[0]
+
+
+def edited_copy(rl, tmp_path, edit):
+    copy = tmp_path / "rl-edited"
+    shutil.copytree(rl, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(copy / "model.safetensors"))
+    return copy
+
+
+def test_refuses_pairs_it_cannot_extract_in_one_line(toy_pairs, tmp_path):
+    base, rl = toy_pairs["qwen2"]
+    out = tmp_path / "out"
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    reshaped = edited_copy(rl, tmp_path / "shape", lambda t: t.update({name: t[name][:, :32].contiguous()}))
+    assert f"{name!r} is (128, 32) in the RL checkpoint and (128, 64) in the base" in extract_fails(base, reshaped, out)
+    missing = edited_copy(rl, tmp_path / "missing", lambda t: t.pop(name))
+    assert f"{name!r} is in the base checkpoint only" in extract_fails(base, missing, out)
+
+    other_vocab = tmp_path / "vocab"
+    shutil.copytree(rl, other_vocab)
+    build_tokenizer(vocab_size=383).save_pretrained(other_vocab)
+    assert "tokenizers differ" in extract_fails(base, other_vocab, out)
+    wide, _ = build_pair(tmp_path / "wide", hidden=128)
+    assert "hidden_size" in extract_fails(base, wide, out)
+    assert "--targets: qkv_proj" in extract_fails(base, rl, out, "--targets", "qkv_proj")
+
+
+@pytest.mark.parametrize("name, tensor, expected", [
+    ("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64), "does not hold per stream"),
+    ("model.layers.0.self_attn.q_norm.weight", torch.ones(32), "does not hold per stream"),  # not a Qwen3 base
+    ("model.layers.2.input_layernorm.weight", torch.ones(64), "does not hold per stream"),  # 2 layers
+    ("model.norm.weight", torch.ones(65), "of shape (65,); this base model's is (64,)"),
+])
+def test_the_server_takes_only_per_stream_tensors_of_the_base_beside_the_adapter(toy_pairs, tmp_path, name, tensor,
+                                                                                  expected):
+    base, rl = toy_pairs["qwen2"]
+    extract(base, rl, 2, tmp_path)
+    tensors = load_file(str(tmp_path / RL_TENSORS_FILE))
+    save_file({**tensors, name: tensor}, str(tmp_path / RL_TENSORS_FILE))
+    with pytest.raises(PairError, match=re.escape(expected)):
+        check_adapter_pair(str(tmp_path), str(base))

@@ -1,0 +1,1 @@
+"""Offline tools around the server (not the serving path): checkpoint conversion and reports."""

@@ -1,0 +1,203 @@
+"""`rlvrx lora-extract`: a full RLVR checkpoint as a LoRA adapter of its base, for the stacked model.
+
+Each targeted projection's delta ΔW = W_rl − W_base becomes its truncated SVD at rank R,
+U_R·S_R·V_Rᵀ, the best rank-R approximation (Eckart–Young): lora_B = U_R·√S_R,
+lora_A = √S_R·V_Rᵀ, scaling 1 (lora_alpha = r). The RL model's other tensors that the stacked
+model holds per stream (embeddings, lm_head, norms, q/k/v biases) are copied exactly into
+`rlvrx_rl_tensors.safetensors` beside the adapter when they differ from the base; any other
+difference (an untargeted projection, …) is dropped. A table gives, per tensor group, the
+relative size of the delta that was kept, truncated or dropped.
+
+Memory: both checkpoints' safetensors files (single or sharded) are memory-mapped and read one
+tensor at a time, so RAM holds one pair of tensors, its SVD and the adapter being built.
+
+`--report` writes, instead of an adapter, how much of each projection delta's energy its top-R
+singular values capture (Σ_{i≤R} σ_i² / Σ σ_i²): a table, a JSON file and a PNG.
+"""
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from server.engine.adapter import ATTENTION, CONFIG_FILE, MLP, RL_TENSORS_FILE, STREAM_TENSOR, WEIGHTS_FILE, weight_name
+from server.engine.pair import PairError, check_pair
+
+PROJECTIONS = ATTENTION + MLP
+PROJECTION_WEIGHT = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+_proj))\.weight")
+REPORT_RANKS = (1, 4, 16, 64)
+
+
+class Checkpoints:
+    """A base/RL pair of safetensors checkpoints with the same tensor names and shapes."""
+
+    def __init__(self, base: str | Path, rl: str | Path):
+        check_pair(str(rl), str(base))  # one architecture, config and tokenizer
+        self.base, self.rl = open_tensors(Path(base), "base"), open_tensors(Path(rl), "RL")
+        only = sorted(self.base.keys() ^ self.rl.keys())
+        if only:
+            side = "base" if only[0] in self.base else "RL"
+            raise PairError(f"{only[0]!r} is in the {side} checkpoint only ({len(only)} tensors are in one of the two)")
+        for name in self.base:
+            shapes = [tuple(files[name].get_slice(name).get_shape()) for files in (self.base, self.rl)]
+            if shapes[0] != shapes[1]:
+                raise PairError(f"{name!r} is {shapes[1]} in the RL checkpoint and {shapes[0]} in the base")
+        self.names = sorted(self.base)
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, RL) copies of one tensor, in their stored dtype."""
+        return self.base[name].get_tensor(name), self.rl[name].get_tensor(name)
+
+
+def open_tensors(path: Path, role: str) -> dict[str, object]:
+    """Tensor name → the open safetensors file that holds it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {file: safe_open(str(path / file), "pt") for file in set(weight_map.values())}
+        return {name: files[file] for name, file in weight_map.items()}
+    if not (path / "model.safetensors").is_file():
+        raise PairError(f"the {role} checkpoint {str(path)!r} has no model.safetensors (only safetensors are read)")
+    file = safe_open(str(path / "model.safetensors"), "pt")
+    return dict.fromkeys(file.keys(), file)
+
+
+@dataclass
+class Group:
+    """Squared Frobenius norms summed over the tensors of one group (names up to the layer index)."""
+
+    how: str
+    tensors: int = 0
+    base: float = 0.0  # ‖W_base‖²
+    delta: float = 0.0  # ‖ΔW‖²
+    dropped: float = 0.0  # ‖the part of ΔW not served‖²
+
+    def add(self, w_base: torch.Tensor, delta: torch.Tensor, dropped: float) -> None:
+        self.tensors += 1
+        self.base += w_base.double().square().sum().item()
+        self.delta += delta.double().square().sum().item()
+        self.dropped += dropped
+
+    def row(self, name: str) -> dict:
+        return {"group": name, "how": self.how if self.delta else "equal", "tensors": self.tensors,
+                "delta_over_base": (self.delta / self.base) ** 0.5 if self.base else 0.0,
+                "dropped_over_delta": (self.dropped / self.delta) ** 0.5 if self.delta else 0.0}
+
+
+def truncated_svd(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A [r, in], B [out, r], ‖ΔW − B·A‖²) of the rank-r truncated SVD; rank None = full."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    r = len(s) if rank is None else min(rank, len(s))
+    root = s[:r].sqrt()
+    return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous(), s[r:].double().square().sum().item()
+
+
+def extract(base: str | Path, rl: str | Path, rank: int | None, out: str | Path,
+            targets: tuple[str, ...] = PROJECTIONS) -> list[dict]:
+    """Write the adapter of `rl` on `base` at `rank` (None: each projection's full rank) into `out`;
+    return the per-group report rows."""
+    from transformers import AutoTokenizer
+
+    pair, out = Checkpoints(base, rl), Path(out)
+    lora, rl_tensors, ranks, groups = {}, {}, {}, {}
+    for name in tqdm(pair.names, desc="lora-extract", unit="tensor", file=sys.stderr):
+        w_base, w_rl = pair.read(name)
+        delta = w_rl.float() - w_base.float()
+        projection = PROJECTION_WEIGHT.fullmatch(name)
+        group_name = re.sub(r"\.\d+\.", ".N.", name)
+        if projection and projection[2] in targets:
+            group = groups.setdefault(group_name, Group("LoRA" if rank is None else f"LoRA rank {rank}"))
+            if torch.equal(w_base, w_rl):
+                group.add(w_base, delta, 0.0)
+                continue
+            key = projection[1]
+            a, b, dropped = truncated_svd(delta, rank)
+            lora[weight_name(key, "A")], lora[weight_name(key, "B")], ranks[key] = a, b, a.shape[0]
+            group.add(w_base, delta, dropped)
+        elif not projection and STREAM_TENSOR.fullmatch(name):
+            if not torch.equal(w_base, w_rl):
+                rl_tensors[name] = w_rl
+            groups.setdefault(group_name, Group("RL copy")).add(w_base, delta, 0.0)
+        else:
+            groups.setdefault(group_name, Group("dropped")).add(w_base, delta, delta.double().square().sum().item())
+    if not lora:
+        raise PairError(f"no projection of {', '.join(targets)} differs between the checkpoints: nothing to extract")
+
+    out.mkdir(parents=True, exist_ok=True)
+    top = max(ranks.values())
+    pattern = {key: r for key, r in ranks.items() if r != top}
+    (out / CONFIG_FILE).write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
+        "r": top, "lora_alpha": top, "rank_pattern": pattern, "alpha_pattern": pattern,
+        "target_modules": sorted(ranks), "bias": "none", "lora_dropout": 0.0, "inference_mode": True,
+    }, indent=2))
+    save_file(lora, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / RL_TENSORS_FILE).unlink(missing_ok=True)
+    if rl_tensors:
+        save_file(rl_tensors, str(out / RL_TENSORS_FILE), metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(str(rl)).save_pretrained(str(out))
+    return [group.row(name) for name, group in groups.items()]
+
+
+def format_groups(rows: list[dict]) -> str:
+    lines = [f"{'tensor group':<48} {'tensors':>7} {'|ΔW|/|W_base|':>13} {'|dropped|/|ΔW|':>14}  served as"]
+    lines += [f"{r['group']:<48} {r['tensors']:>7} {r['delta_over_base']:>13.4g} {r['dropped_over_delta']:>14.4g}  {r['how']}"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def energy_report(base: str | Path, rl: str | Path, out: str | Path, ranks: tuple[int, ...] = REPORT_RANKS,
+                  targets: tuple[str, ...] = PROJECTIONS) -> str:
+    """Write rank_energy.json ({projection: captured energy at rank 1, 2, …, full}), rank_energy.md
+    (the table at `ranks` and full) and rank_energy.png into `out`; return the table."""
+    pair, out = Checkpoints(base, rl), Path(out)
+    energy = {}
+    for name in tqdm(pair.names, desc="lora-extract --report", unit="tensor", file=sys.stderr):
+        projection = PROJECTION_WEIGHT.fullmatch(name)
+        if projection is None or projection[2] not in targets:
+            continue
+        w_base, w_rl = pair.read(name)
+        s2 = torch.linalg.svdvals(w_rl.double() - w_base.double()).square()
+        if s2.sum() > 0:
+            energy[projection[1]] = (s2.cumsum(0) / s2.sum()).tolist()
+    if not energy:
+        raise PairError(f"no projection of {', '.join(targets)} differs between the checkpoints")
+    header = "| projection | " + " | ".join(f"rank {r}" for r in ranks) + " | full rank |"
+    lines = [header, "|---" * (len(ranks) + 2) + "|"]
+    for key, captured in energy.items():
+        cells = [f"{captured[min(r, len(captured)) - 1]:.3f}" for r in ranks]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {len(captured)} |")
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank_energy.json").write_text(json.dumps(energy))
+    (out / "rank_energy.md").write_text(
+        f"Energy of each projection delta captured by its top-R singular values, Σ_(i≤R) σ_i² / Σ σ_i²\n\n{table}\n")
+    plot_energy(energy, out / "rank_energy.png")
+    return table
+
+
+def plot_energy(energy: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = dict(zip(PROJECTIONS, plt.get_cmap("tab10").colors))
+    for key, captured in energy.items():
+        module = key.rsplit(".", 1)[1]
+        ax.plot(range(1, len(captured) + 1), captured, color=colors[module], alpha=0.6, lw=1)
+    for module, color in colors.items():
+        ax.plot([], [], color=color, label=module)
+    ax.set(xscale="log", xlabel="rank R", ylabel="energy captured by the top-R singular values", ylim=(0, 1.02),
+           title="RL − base projection deltas")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
