@@ -27,6 +27,15 @@ which the engine applies to both rows): a token whose RL log-prob is −inf gets
 and e = −inf, so it is never emitted. If no candidate has a finite e, the candidate set
 widens to the whole vocabulary.
 
+Nothing sorts the whole vocabulary unless a row needs it. Where 0 < k < V and the row is
+greedy or has top-p < 1, its support — the candidate set S, on which p_x lives, and the kept
+set of p_g — is a short head of the generator's logits on an LM row: the rule runs on the
+head's tokens only (a partial sort, `topk`, of width max(64, k + 1)), and for the rows whose
+support reaches past it the head grows (512, 4096 tokens, then a full sort). The other rows
+(top-p 1, or S = every token) are computed on every token, their top-p cuts found by the same
+growing partial sorts (`top_p_threshold`). Kept sets, ties included, are exactly those of a
+full sort.
+
 A row without a distribution — a NaN or +inf logit in either model (an fp16 overflow), or
 every logit −inf — has no rule: its output row and Δ are NaN (what vLLM's sampler would get
 from the model's own logits; it still draws an in-range token id), and M = 0 (nothing is
@@ -119,7 +128,7 @@ def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 def log_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Δ = a − b of RL and base log-probs; −inf where a is −inf (a masked token)."""
-    return (a - b).masked_fill(a == float("-inf"), float("-inf"))
+    return (a - b).masked_fill_(a == float("-inf"), float("-inf"))
 
 
 class Combined(NamedTuple):
@@ -154,13 +163,17 @@ def combine(
     head_logits, head = gen.topk(width, dim=-1)
     kth = head_logits.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).masked_fill((k == 0).unsqueeze(1), float("-inf"))
 
-    y0 = gen.argmax(dim=-1, keepdim=True)
-    greedy_flag = log_ratio(rl.gather(1, y0) - lse_rl, base.gather(1, y0) - lse_base).squeeze(1) <= settings.tau
+    greedy_flag = torch.zeros_like(greedy)
+    if greedy.any():
+        y0 = gen.argmax(dim=-1, keepdim=True)
+        greedy_flag = log_ratio(rl.gather(1, y0) - lse_rl, base.gather(1, y0) - lse_base).squeeze(1) <= settings.tau
     flag_prob = None
     if settings.selection is not None:
         flag_prob, greedy_flag = position_flags(gen, settings, greedy_flag)
-    batch = _Batch(rl, base, gen, lse_rl, lse_base, (gen / temp).logsumexp(dim=-1, keepdim=True), temp, kth,
-                   settings, flag_prob)
+    lse_gen = torch.where(settings.use_base.unsqueeze(1), lse_base, lse_rl)
+    scaled = (temp != 1.0).squeeze(1).nonzero().squeeze(1)  # rows at T = 1 have it already
+    lse_gen[scaled] = (gen[scaled] / temp[scaled]).logsumexp(dim=-1, keepdim=True)
+    batch = _Batch(rl, base, gen, lse_rl, lse_base, lse_gen, temp, kth, settings, flag_prob)
 
     # A greedy row that keeps its proposal is the generator's row. The others are computed on
     # the generator's head while their support (S and the kept set of p_g) fits in it, the head
@@ -189,7 +202,7 @@ def combine(
 
     out.masked_fill_(broken.unsqueeze(1), math.nan)
     prob.masked_fill_(broken, 0.0)
-    delta = log_ratio(rl - lse_rl, base - lse_base).masked_fill(broken.unsqueeze(1), math.nan) if want_delta else None
+    delta = log_ratio(rl - lse_rl, base - lse_base).masked_fill_(broken.unsqueeze(1), math.nan) if want_delta else None
     return Combined(out, prob, delta)
 
 

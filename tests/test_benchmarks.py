@@ -20,6 +20,8 @@ def test_combine_bench_runs_under_the_interpreter(tmp_path):
     assert len(results["rows"]) == 2
     for row in results["rows"]:
         assert row["torch_ms"] > 0 and row["kernel_ms"] > 0 and row["decode_ms"] > 0
+    assert {(r["rows"], r["batch"]) for r in results["vs_sort"]} == {(kind, n) for kind in ("lm", "flat") for n in (1, 4)}
+    assert all(r["combine_ms"] > 0 and r["sort_ms"] > 0 for r in results["vs_sort"])
 
 
 def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkeypatch):

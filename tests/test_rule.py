@@ -8,6 +8,7 @@ import torch
 
 from kernels import SELECTION, RowSettings, combine
 from kernels import reference as ref
+from kernels.rule import top_p_log
 
 VOCAB = 97  # not a power of two on purpose
 
@@ -224,7 +225,7 @@ def test_masked_tokens_are_never_emitted_and_rows_stay_finite():
 
 def test_top_p_keeps_ties_at_the_boundary():
     logp = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
-    kept = torch.exp(__import__("kernels.rule", fromlist=["top_p_log"]).top_p_log(logp, torch.tensor([0.5])))
+    kept = torch.exp(top_p_log(logp, torch.tensor([0.5])))
     np.testing.assert_allclose(kept.numpy()[0], [0.4, 0.2, 0.2, 0.2], atol=1e-6)
     np.testing.assert_allclose(ref.top_p(np.array([0.4, 0.2, 0.2, 0.2]), 0.5), [0.4, 0.2, 0.2, 0.2])
     np.testing.assert_allclose(ref.top_p(np.array([0.5, 0.3, 0.2]), 0.5), [1.0, 0, 0])
@@ -250,3 +251,112 @@ def test_delta_is_the_log_ratio_of_the_two_models():
     for i in range(4):
         expected = ref.log_softmax(rl[i]) - ref.log_softmax(base[i])
         np.testing.assert_allclose(delta[i].double().numpy(), expected, atol=1e-5)
+
+
+# The partial sorts behind top-p (kernels.rule.top_p_threshold): kept sets that end inside the
+# first head, past it (the head grows through PARTIAL_WIDTHS) and past the largest (a full sort),
+# ties across every boundary, −inf entries, top-p 1 and tiny.
+
+def lm_like(rng, rows, vocab):
+    """Logits falling with the log of a token's rank (Zipf-like), shuffled: the top-p head is short."""
+    by_rank = -rng.uniform(1.0, 2.2, size=(rows, 1)) * np.log(np.arange(1, vocab + 1)) + rng.normal(0, 0.5, (rows, vocab))
+    return np.take_along_axis(by_rank, rng.permuted(np.tile(np.arange(vocab), (rows, 1)), axis=1), axis=1)
+
+
+def tied(rng, rows, vocab, levels):
+    """Logits on a few levels: every top-p boundary falls inside a group of equal values."""
+    return rng.integers(0, levels, size=(rows, vocab)).astype(np.float64) * rng.uniform(0.5, 3.0, size=(rows, 1))
+
+
+def check_top_p(logits, top_p):
+    logp = torch.tensor(logits, dtype=torch.float32).log_softmax(dim=-1)
+    got = top_p_log(logp, torch.tensor(top_p, dtype=torch.float32)).exp().double().numpy()
+    for i, cutoff in enumerate(top_p):
+        expected = ref.top_p(np.exp(logp[i].double().numpy()), cutoff)
+        np.testing.assert_array_equal(got[i] > 0, expected > 0, err_msg=f"row {i}, top_p {cutoff}")
+        np.testing.assert_allclose(got[i], expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_top_p_kept_sets_inside_past_and_beyond_the_partial_sorts(seed):
+    rng = np.random.default_rng(3000 + seed)
+    vocab = 6000  # above the largest partial width: flat rows need the full sort
+    rows = np.concatenate([
+        lm_like(rng, 4, vocab),  # kept set inside the first head
+        rng.normal(0, 1.0, (2, vocab)),  # a few hundred tokens: the second width
+        rng.normal(0, 0.3, (2, vocab)),  # thousands: the third
+        rng.normal(0, 0.01, (2, vocab)),  # nearly uniform: a full sort
+    ])
+    check_top_p(rows, [0.7, 0.9, 0.7, 0.95, 0.5, 0.8, 0.7, 0.95, 0.7, 0.99])
+
+
+def test_top_p_keeps_every_token_tied_with_the_boundary_across_partial_widths():
+    rng = np.random.default_rng(3100)
+    vocab = 5000
+    rows = tied(rng, 6, vocab, levels=4)
+    # One token on top, then a group of equal logits that straddles each partial width.
+    for row, group in zip(rows[:3], (40, 300, 4500)):
+        row[:] = -30.0
+        row[0] = 5.0
+        row[1 : 1 + group] = 0.0
+    check_top_p(rows, [0.3, 0.5, 0.7, 0.2, 0.9, 0.999])
+
+
+def test_top_p_with_masked_tokens_and_extreme_cutoffs():
+    rng = np.random.default_rng(3200)
+    vocab = 3000
+    rows = np.concatenate([lm_like(rng, 4, vocab), rng.normal(0, 1.0, (4, vocab))])
+    rows[rng.random(rows.shape) < 0.5] = -np.inf
+    rows[0, 10:] = -np.inf  # fewer finite tokens than the first head holds
+    rows[1, 1:] = -np.inf  # a single token
+    check_top_p(rows, [0.999, 0.7, 1.0, 1e-6, 1.0, 1e-6, 0.999, 0.5])
+
+
+def run_reference_batch(rl, base, settings):
+    out, prob = run_combine(rl, base, settings)
+    for i, s in enumerate(settings):
+        if s.temperature == 0:
+            assert int(np.argmax(out[i])) == ref.greedy_token(rl[i], base[i], s), str(s)
+        else:
+            np.testing.assert_allclose(np.exp(out[i]), ref.two_stage_distribution(rl[i], base[i], s),
+                                       atol=2e-5, rtol=1e-4, err_msg=str(s))
+        assert prob[i] == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=2e-5), str(s)
+
+
+def stress_settings(rng, rows, vocab):
+    return [ref.Settings(
+        gamma=float(rng.choice([0.0, 0.05, 0.5, -0.5, 2.0])),
+        tau=float(rng.choice([-math.inf, -0.3, 0.0, math.inf])),
+        generator=str(rng.choice(["base", "rl"])),
+        candidates=int(rng.choice([0, 1, 5, 50, 63, 64, 200, vocab, 10 * vocab])),
+        temperature=0.0 if rng.random() < 0.2 else float(rng.choice([0.05, 0.3, 0.7, 1.0, 2.0])),
+        top_p=float(rng.choice([1e-6, 0.3, 0.7, 0.95, 1.0])),
+    ) for _ in range(rows)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_batches_of_lm_flat_and_tied_rows_match_the_reference(seed):
+    """One batch mixes rows whose support fits the generator's first head, rows whose head must
+    grow (kept set or S past it, a tie at the k-th logit across it) and rows on every token
+    (top-p 1, k = 0 or k ≥ V), at temperatures 0.05–2, greedy rows among them."""
+    rng = np.random.default_rng(3300 + seed)
+    vocab = 1500
+    base = np.concatenate([lm_like(rng, 8, vocab), rng.normal(0, 1.5, (4, vocab)), tied(rng, 4, vocab, levels=6)])
+    rl = base + rng.normal(0, 0.5, base.shape)
+    settings = stress_settings(rng, len(base), vocab)
+    run_reference_batch(rl, base, settings)
+
+
+def test_masked_tokens_in_rows_that_fit_the_head_and_rows_that_do_not():
+    rng = np.random.default_rng(3400)
+    vocab = 1000
+    base = np.concatenate([lm_like(rng, 6, vocab), rng.normal(0, 1.5, (6, vocab))])
+    rl = base + rng.normal(0, 0.5, base.shape)
+    banned = rng.random(base.shape) < 0.3
+    rl[banned] = base[banned] = -np.inf
+    rl_only = rng.random(base.shape) < 0.05  # banned by the RL model alone: Δ = e = −inf there
+    rl[rl_only] = -np.inf
+    rl[0, np.argsort(base[0])[-50:]] = -np.inf  # every candidate of row 0 banned: S widens to all tokens
+    settings = [ref.Settings(gamma=0.5, tau=0.0, generator="base", candidates=50, temperature=t, top_p=p)
+                for t, p in [(1.0, 0.7), (0.0, 0.7), (0.5, 0.95), (2.0, 0.3), (1.0, 1.0), (0.05, 0.7)] * 2]
+    run_reference_batch(rl, base, settings)
