@@ -37,17 +37,22 @@ from kernels.rule import GREEDY_EPS, Combined, RowSettings
 
 NB = 32  # candidate thresholds per search pass
 SEARCH_PASSES = 7  # (NB + 1)^7 > 2^33: enough to pin a 32-bit key
-KEY_LO = -(2**31) - 1  # below every key
+KEY_LO = -(2**31)  # the smallest key: "every token"
 KEY_HI = 2**31  # above every key
 S_CAP = 1024  # finite candidate values compacted per row; a larger S is searched on the full rows
 BLOCK = 256  # tokens per step of a pass
+NUM_WARPS = 8
+# Left to choose, ptxas capped the registers at an occupancy target of its own and spilled
+# (sm_80, 4 warps: 64 registers, 4 words); given this cap it takes what the kernel needs
+# (about 110). tests/test_kernel_compile.py checks every variant for spills.
+MAX_REGISTERS = 128
 
 
 @triton.jit
 def _key(x):
-    """float32 → int64, order-preserving (−inf smallest)."""
+    """float32 → int32, order-preserving (−inf below every number)."""
     bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit
@@ -94,9 +99,10 @@ def _lse_final(m, s):
 
 @triton.jit
 def _cuts(lo, hi, NB: tl.constexpr):
-    """NB thresholds splitting [lo, hi) evenly."""
+    """NB thresholds splitting [lo, hi) evenly: int64 arithmetic (hi − lo reaches 2^32), int32
+    results (lo <= cut < hi <= 2^31), so that the comparisons with the keys are 32-bit."""
     j = (tl.arange(0, NB) + 1).to(tl.int64)
-    return lo + ((hi - lo) * j) // (NB + 1)
+    return (lo + ((hi - lo) * j) // (NB + 1)).to(tl.int32)
 
 
 @triton.jit
@@ -145,7 +151,7 @@ def _g_thresholds(rl_ptr, base_ptr, V, use_base, inv_t, lse_g, k, top_p, find_k,
                 p_acc += _mass_at_or_above(_key(gs), tl.where(valid, tl.exp(gs - lse_g), 0.0), p_cut)
         k_lo, k_hi, k_mass = _narrow(k_lo, k_hi, 0.0, k_acc, k.to(tl.float32), k_cut)
         p_lo, p_hi, p_mass = _narrow(p_lo, p_hi, 0.0, p_acc, top_p, p_cut)
-    return tl.where(find_k, k_lo, KEY_LO), tl.where(find_p, p_lo, KEY_LO)
+    return tl.where(find_k, k_lo, KEY_LO).to(tl.int32), tl.where(find_p, p_lo, KEY_LO).to(tl.int32)
 
 
 @triton.jit
@@ -171,7 +177,7 @@ def _x_threshold(rl_ptr, base_ptr, s_ptr, n_s, compact, V, lse_a, lse_b, gamma, 
                     rl_ptr, base_ptr, offs, V, lse_a, lse_b, gamma, use_base, inv_t, k_thr)
             acc += _mass_at_or_above(_key(e_s), tl.exp(e_s - lse_e), cut)
         lo, hi, mass = _narrow(lo, hi, mass, acc, top_p, cut)
-    return lo, mass
+    return lo.to(tl.int32), mass
 
 
 @triton.jit
@@ -231,10 +237,16 @@ def _combine_kernel(
     broken = (tl.max(not_finite, axis=0) > 0) | (tl.max(m_a, axis=0) == float("-inf")) | (
         tl.max(m_b, axis=0) == float("-inf"))
 
+    # Greedy rows: extrapolate when Δ(argmax g) <= τ.
+    a_y0 = tl.load(rl_ptr + y0).to(tl.float32) - lse_a
+    b_y0 = tl.load(base_ptr + y0).to(tl.float32) - lse_b
+    delta_y0 = tl.where(a_y0 == float("-inf"), float("-inf"), a_y0 - b_y0)
+    greedy_flag = delta_y0 <= tau
+
     # Top-k threshold of g (kept: key(g) >= k_thr; every token when k is 0 or >= V) and
     # top-p threshold of p_g, from the generator's row alone.
-    k_thr = tl.full([], KEY_LO, tl.int64)
-    g_thr = tl.full([], KEY_LO, tl.int64)
+    k_thr = tl.full([], KEY_LO, tl.int32)
+    g_thr = tl.full([], KEY_LO, tl.int32)
     find_k = (k > 0) & (k < V)
     if find_k | find_top_p:
         k_thr, g_thr = _g_thresholds(rl_ptr, base_ptr, V, use_base, inv_t, lse_g, k, top_p, find_k, find_top_p,
@@ -262,26 +274,20 @@ def _combine_kernel(
         tl.store(s_ptr + slot, e_s, mask=(finite != 0) & (slot < S_CAP))
         n_s += tl.sum(finite, axis=0)
     if n_s == 0:  # no candidate has a finite e: widen S to all tokens
-        k_thr = tl.full([], KEY_LO, tl.int64)
+        k_thr = tl.full([], KEY_LO, tl.int32)
         lse_e = _lse_final(m_all, s_all)
     else:
         lse_e = _lse_final(m_s, s_s)
     prob = tl.minimum(tl.sum(m_flag, axis=0) / tl.sum(z_g, axis=0), 1.0)
 
     # Top-p threshold of p_x and its kept mass (1 when everything is kept).
-    x_thr = tl.full([], KEY_LO, tl.int64)
+    x_thr = tl.full([], KEY_LO, tl.int32)
     z_x = tl.full([], 1.0, tl.float32)
     if find_top_p:
         x_thr, z_x = _x_threshold(rl_ptr, base_ptr, s_ptr, n_s, (n_s > 0) & (n_s <= S_CAP), V, lse_a, lse_b, gamma,
                                   use_base, inv_t, k_thr, lse_e, top_p, BLOCK, NB, PASSES, KEY_LO, KEY_HI)
     log_z_g = tl.log(tl.sum(z_g, axis=0))
     log_z_x = tl.log(z_x)
-
-    # Greedy rows: extrapolate when Δ(argmax g) <= τ.
-    a_y0 = tl.load(rl_ptr + y0).to(tl.float32) - lse_a
-    b_y0 = tl.load(base_ptr + y0).to(tl.float32) - lse_b
-    delta_y0 = tl.where(a_y0 == float("-inf"), float("-inf"), a_y0 - b_y0)
-    greedy_flag = delta_y0 <= tau
     log_m = tl.log(prob)
 
     # Output pass.
@@ -328,12 +334,7 @@ def combine(
             settings.gamma, settings.tau, settings.use_base.to(torch.int8), settings.candidates,
             settings.temperature, settings.top_p,
             vocab, rl_logits.stride(0), base_logits.stride(0), out.stride(0),
-            **launch_constants(want_delta, block, s_cap),
+            WRITE_DELTA=want_delta, BLOCK=block, NB=NB, PASSES=SEARCH_PASSES, KEY_LO=KEY_LO, KEY_HI=KEY_HI,
+            GREEDY_EPS=GREEDY_EPS, S_CAP=s_cap, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )
     return Combined(out, prob, delta if want_delta else None)
-
-
-def launch_constants(want_delta: bool, block: int, s_cap: int) -> dict:
-    """The kernel's constexpr arguments for a call of `combine` (also what the compile check builds)."""
-    return dict(WRITE_DELTA=want_delta, BLOCK=block, NB=NB, PASSES=SEARCH_PASSES, KEY_LO=KEY_LO, KEY_HI=KEY_HI,
-                GREEDY_EPS=GREEDY_EPS, S_CAP=s_cap)

@@ -51,14 +51,17 @@ def check_against_reference(rl, base, settings, got):
         assert float(got.prob[i]) == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=3e-5)
 
 
-def test_kernel_equals_float64_reference_with_masks_and_extremes():
+@pytest.mark.parametrize("s_cap", [triton_combine.S_CAP, 4], ids=["compacted", "full-rows"])
+def test_kernel_equals_float64_reference_with_masks_and_extremes(s_cap):
+    """With a scratch row of 4, every S larger than that (k = 7, 0, V, 10V) is searched for
+    p_x on the full rows; with the default one, on its compacted values."""
     rng = np.random.default_rng(31)
     rows = 21
     rl, base = masked_pair(rng, rows)
     settings = extreme_settings(rng, rows)
     out = torch.full((rows, VOCAB), float("nan"))  # poison: every element must be written
     got = triton_combine.combine(torch.tensor(rl, dtype=torch.float32), torch.tensor(base, dtype=torch.float32),
-                                 to_row_settings(settings), want_delta=True, out=out, block=BLOCK)
+                                 to_row_settings(settings), want_delta=True, out=out, block=BLOCK, s_cap=s_cap)
     assert got.out is out and not torch.isnan(out).any()
     check_against_reference(rl, base, settings, got)
 
@@ -123,3 +126,41 @@ def test_rows_without_a_distribution_give_nan_rows_and_no_extrapolation_on_both_
         assert not got.out[~broken].isnan().any() and not got.prob[~broken].isnan().any()
         check_against_reference(rl[~broken], base[~broken], [s for s, b in zip(settings, broken) if not b],
                                 type(got)(got.out[~broken], got.prob[~broken], None))
+
+
+def rows_read(monkeypatch, rl, base, settings, s_cap):
+    """How many times the kernel reads the RL and the base rows: logits loaded from each
+    tensor (counted in the interpreter's loads) over its size."""
+    from triton.runtime import interpreter
+
+    spans = {name: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for name, t in (("rl", rl), ("base", base))}
+    loaded = dict.fromkeys(spans, 0)
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting(self, ptrs, mask, *args):
+        for name, (lo, hi) in spans.items():
+            loaded[name] += int(np.count_nonzero(mask.data & (ptrs.data >= lo) & (ptrs.data < hi)))
+        return original(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting)
+    triton_combine.combine(rl, base, settings, block=BLOCK, s_cap=s_cap)
+    return loaded["rl"] / rl.numel(), loaded["base"] / base.numel()
+
+
+@pytest.mark.parametrize("generator, candidates, temperature, top_p, s_cap, generator_reads, other_reads", [
+    ("base", 50, 1.0, 0.7, triton_combine.S_CAP, 10, 3),  # the paper's setting
+    ("rl", 50, 1.0, 0.7, triton_combine.S_CAP, 10, 3),
+    ("base", 50, 0.0, 0.7, triton_combine.S_CAP, 10, 3),  # greedy: the top-k search alone
+    ("base", 0, 1.0, 1.0, triton_combine.S_CAP, 3, 3),  # no search
+    ("base", 0, 1.0, 0.7, 16, 17, 10),  # S larger than the scratch row: p_x searched on the full rows
+])
+def test_row_passes(monkeypatch, generator, candidates, temperature, top_p, s_cap, generator_reads, other_reads):
+    """The passes of the README's table: the searches on the generator's row read it alone,
+    and the p_x search reads the compacted S, not the rows (plus two logits per row for the
+    greedy proposal)."""
+    rng = np.random.default_rng(36)
+    rl, base = (torch.tensor(x, dtype=torch.float32) for x in random_pair(rng, 3, vocab=VOCAB))
+    settings = to_row_settings([ref.Settings(0.05, -0.3, generator, candidates, temperature, top_p)] * 3)
+    rl_reads, base_reads = rows_read(monkeypatch, rl, base, settings, s_cap)
+    expected = (other_reads, generator_reads) if generator == "base" else (generator_reads, other_reads)
+    assert (rl_reads, base_reads) == pytest.approx(expected, abs=1 / VOCAB + 1e-9)
