@@ -126,9 +126,10 @@ def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return (logp - log_mass).masked_fill(logp < threshold, float("-inf"))
 
 
-def log_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Δ = a − b of RL and base log-probs; −inf where a is −inf (a masked token)."""
-    return (a - b).masked_fill_(a == float("-inf"), float("-inf"))
+def log_ratio(rl: torch.Tensor, base: torch.Tensor, lse_rl: torch.Tensor, lse_base: torch.Tensor) -> torch.Tensor:
+    """Δ = a − b, a = rl − lse_rl and b = base − lse_base the two models' log-probs; −inf where
+    the RL logit is −inf (a masked token)."""
+    return (rl - base).sub_(lse_rl - lse_base).masked_fill_(rl == float("-inf"), float("-inf"))
 
 
 class Combined(NamedTuple):
@@ -166,13 +167,14 @@ def combine(
     greedy_flag = torch.zeros_like(greedy)
     if greedy.any():
         y0 = gen.argmax(dim=-1, keepdim=True)
-        greedy_flag = log_ratio(rl.gather(1, y0) - lse_rl, base.gather(1, y0) - lse_base).squeeze(1) <= settings.tau
+        greedy_flag = log_ratio(rl.gather(1, y0), base.gather(1, y0), lse_rl, lse_base).squeeze(1) <= settings.tau
     flag_prob = None
     if settings.selection is not None:
         flag_prob, greedy_flag = position_flags(gen, settings, greedy_flag)
     lse_gen = torch.where(settings.use_base.unsqueeze(1), lse_base, lse_rl)
     scaled = (temp != 1.0).squeeze(1).nonzero().squeeze(1)  # rows at T = 1 have it already
-    lse_gen[scaled] = (gen[scaled] / temp[scaled]).logsumexp(dim=-1, keepdim=True)
+    if scaled.numel():
+        lse_gen[scaled] = (gen[scaled] / temp[scaled]).logsumexp(dim=-1, keepdim=True)
     batch = _Batch(rl, base, gen, lse_rl, lse_base, lse_gen, temp, kth, settings, flag_prob)
 
     # A greedy row that keeps its proposal is the generator's row. The others are computed on
@@ -200,9 +202,12 @@ def combine(
     proposal_kept = (greedy & ~greedy_flag & ~broken).nonzero().squeeze(1)
     out[proposal_kept] = gen[proposal_kept]
 
-    out.masked_fill_(broken.unsqueeze(1), math.nan)
-    prob.masked_fill_(broken, 0.0)
-    delta = log_ratio(rl - lse_rl, base - lse_base).masked_fill_(broken.unsqueeze(1), math.nan) if want_delta else None
+    delta = log_ratio(rl, base, lse_rl, lse_base) if want_delta else None
+    if broken.any():
+        out.masked_fill_(broken.unsqueeze(1), math.nan)
+        prob.masked_fill_(broken, 0.0)
+        if want_delta:
+            delta.masked_fill_(broken.unsqueeze(1), math.nan)
     return Combined(out, prob, delta)
 
 
@@ -226,16 +231,17 @@ class _Batch:
         token ids `cols` [n, W] of each (None: every token).
 
         Partial columns must be the generator's head in descending order. Returns the output row
-        at the columns [n, W] (log q, or e on S for greedy rows), M [n] (1 on greedy rows) and whether the columns
-        hold the row's support [n] (always true for every token): then every other token is −inf.
+        at the columns [n, W] (log q, or e on S for greedy rows), M [n] (1 on greedy rows) and
+        whether the columns hold the row's support [n] (always true for every token): then every
+        other token is −inf.
         """
         s = self.settings.select(rows)
         take = (lambda x: x[rows]) if cols is None else (lambda x: x[rows.unsqueeze(1), cols])
         rl, base, gen = take(self.rl), take(self.base), take(self.gen)
         gamma, tau, temp = s.gamma.unsqueeze(1), s.tau.unsqueeze(1), self.temp[rows]
-        a, b = rl - self.lse_rl[rows], base - self.lse_base[rows]
-        delta = log_ratio(a, b)
-        e = ((1 + gamma) * a - gamma * b).masked_fill(a == float("-inf"), float("-inf"))
+        lse_rl, lse_base = self.lse_rl[rows], self.lse_base[rows]
+        delta = log_ratio(rl, base, lse_rl, lse_base)
+        e = ((1 + gamma) * (rl - lse_rl) - gamma * (base - lse_base)).masked_fill(rl == float("-inf"), float("-inf"))
         in_s = gen >= self.kth[rows]
         has_finite = (in_s & (e > float("-inf"))).any(dim=-1, keepdim=True)  # else S widens to every token
         e = e.masked_fill(~(in_s | ~has_finite), float("-inf"))
