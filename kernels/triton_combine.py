@@ -149,8 +149,8 @@ def _g_thresholds(rl_ptr, base_ptr, V, use_base, inv_t, lse_g, k, top_p, find_k,
             if find_p:
                 gs = g * inv_t
                 p_acc += _mass_at_or_above(_key(gs), tl.where(valid, tl.exp(gs - lse_g), 0.0), p_cut)
-        k_lo, k_hi, k_mass = _narrow(k_lo, k_hi, 0.0, k_acc, k.to(tl.float32), k_cut)
-        p_lo, p_hi, p_mass = _narrow(p_lo, p_hi, 0.0, p_acc, top_p, p_cut)
+        k_lo, k_hi, _ = _narrow(k_lo, k_hi, 0.0, k_acc, k.to(tl.float32), k_cut)
+        p_lo, p_hi, _ = _narrow(p_lo, p_hi, 0.0, p_acc, top_p, p_cut)
     return tl.where(find_k, k_lo, KEY_LO).to(tl.int32), tl.where(find_p, p_lo, KEY_LO).to(tl.int32)
 
 
@@ -273,6 +273,7 @@ def _combine_kernel(
         slot = n_s + tl.cumsum(finite, axis=0) - 1
         tl.store(s_ptr + slot, e_s, mask=(finite != 0) & (slot < S_CAP))
         n_s += tl.sum(finite, axis=0)
+    tl.debug_barrier()  # the p_x search reads slots that other threads of the program wrote
     if n_s == 0:  # no candidate has a finite e: widen S to all tokens
         k_thr = tl.full([], KEY_LO, tl.int32)
         lse_e = _lse_final(m_all, s_all)
