@@ -180,11 +180,11 @@ def combine(
     # A greedy row that keeps its proposal is the generator's row. The others are computed on
     # the generator's head while their support (S and the kept set of p_g) fits in it, the head
     # growing for the rows it does not hold yet (up to a full sort); a sampled row with top-p 1
-    # or S = every token is computed on every token.
+    # or S = every token (k = 0, or fewer finite generator logits than k) is computed on every token.
     out = torch.full_like(rl, float("-inf"))
     prob = torch.zeros_like(settings.tau)
     todo = ~broken & ~(greedy & ~greedy_flag)
-    head_may_fit = (k > 0) & (greedy | (settings.top_p < 1.0)) | (width == vocab)
+    head_may_fit = (kth.squeeze(1) > float("-inf")) & (greedy | (settings.top_p < 1.0)) | (width == vocab)
     on_head = (todo & head_may_fit).nonzero().squeeze(1)
     cols = head[on_head]
     while on_head.numel():

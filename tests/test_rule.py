@@ -357,6 +357,8 @@ def test_masked_tokens_in_rows_that_fit_the_head_and_rows_that_do_not():
     rl_only = rng.random(base.shape) < 0.05  # banned by the RL model alone: Δ = e = −inf there
     rl[rl_only] = -np.inf
     rl[0, np.argsort(base[0])[-50:]] = -np.inf  # every candidate of row 0 banned: S widens to all tokens
+    disallowed = rng.permutation(vocab)[20:]  # row 1 allows 20 tokens, fewer than k: S is every token
+    rl[1, disallowed] = base[1, disallowed] = -np.inf
     settings = [ref.Settings(gamma=0.5, tau=0.0, generator="base", candidates=50, temperature=t, top_p=p)
                 for t, p in [(1.0, 0.7), (0.0, 0.7), (0.5, 0.95), (2.0, 0.3), (1.0, 1.0), (0.05, 0.7)] * 2]
     run_reference_batch(rl, base, settings)
