@@ -259,7 +259,8 @@ def test_delta_is_the_log_ratio_of_the_two_models():
 
 def lm_like(rng, rows, vocab):
     """Logits falling with the log of a token's rank (Zipf-like), shuffled: the top-p head is short."""
-    by_rank = -rng.uniform(1.0, 2.2, size=(rows, 1)) * np.log(np.arange(1, vocab + 1)) + rng.normal(0, 0.5, (rows, vocab))
+    slope = rng.uniform(1.0, 2.2, size=(rows, 1))
+    by_rank = -slope * np.log(np.arange(1, vocab + 1)) + rng.normal(0, 0.5, (rows, vocab))
     return np.take_along_axis(by_rank, rng.permuted(np.tile(np.arange(vocab), (rows, 1)), axis=1), axis=1)
 
 
