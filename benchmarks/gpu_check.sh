@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [--small]
 # OUT_DIR: the argument, else $OUT (the device tool's), else benchmarks/out/gpu_check.
 # --small: tiny shapes on the CPU, the kernel under TRITON_INTERPRET=1 (tests/test_gpu_check.py).
-# GPU_CHECK_BUDGET_S (default 420): past its share of it each part stops cleanly and keeps
+# GPU_CHECK_BUDGET_S (default 360): past its share of it each part stops cleanly and keeps
 # what it measured; a part that fails does not stop the others; exit 1 if any failed or the
 # kernel mismatched.
 set -uo pipefail
@@ -22,7 +22,8 @@ for arg in "$@"; do
 done
 mkdir -p "$out"
 python=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET_S:-420}
+export PYTHONUNBUFFERED=1
+budget=${GPU_CHECK_BUDGET_S:-360}
 start=$(date +%s)
 status=0
 
@@ -36,11 +37,15 @@ part() {
     timeout -k 10 "$limit" "$python" "$@" --until "$until" "${small[@]}" || status=1
 }
 
-exec > >(tee "$out/gpu_check.log") 2>&1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
-part 40 benchmarks/kernel_check.py --sections correctness,cost --out "$out"
-part 85 benchmarks/decode_step_bench.py --out "$out"
-part 100 benchmarks/kernel_check.py --sections graphs --out "$out"
-echo "gpu_check: $(($(date +%s) - start)) s, exit $status"
-"$python" benchmarks/gpu_check_tables.py "$out" | tee "$out/tables.md"
-exit $status
+run_all() {
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
+    part 40 benchmarks/kernel_check.py --sections correctness,cost --out "$out"
+    part 85 benchmarks/decode_step_bench.py --out "$out"
+    part 100 benchmarks/kernel_check.py --sections graphs --out "$out"
+    echo "gpu_check: $(($(date +%s) - start)) s, exit $status"
+    "$python" benchmarks/gpu_check_tables.py "$out" | tee "$out/tables.md"
+    return $status
+}
+
+run_all 2>&1 | tee "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"

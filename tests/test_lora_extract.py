@@ -1,7 +1,10 @@
 """`rlvrx lora-extract` (tools/lora_extract.py): at full rank the adapter, merged by peft, with the
 RL tensors written beside it, is the RL model (float64 logits); at rank R each delta is the best
 rank-R approximation (Eckart–Young, against torch.linalg.svd); the report's energies are the
-singular values'; refused pairs end in one line with exit code 2."""
+singular values'; refused pairs end in one line with exit code 2; the server takes only per-stream
+tensors of the base beside the adapter; and a served low-rank pair whose RL model also differs in
+embeddings, lm_head, norms and biases is the float64 reference of base + truncated deltas with the RL
+model's own non-projection tensors (tests/engine_checks.py)."""
 
 import json
 import re
@@ -18,7 +21,7 @@ from server.engine.adapter import RL_TENSORS_FILE, read_adapter
 from server.engine.pair import PairError, check_adapter_pair
 from server.toy_pair import build_pair, build_tokenizer
 from tests.conftest import ROOT, child_env
-from tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract
+from tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract, served_rl_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 12]])
 
@@ -33,18 +36,14 @@ def float64(path):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_full_rank_reproduces_the_rl_model(toy_pairs, tmp_path, family):
-    from peft import PeftModel
-
     base, rl = toy_pairs[family]
     rows = extract(base, rl, None, tmp_path)
     assert check_adapter_pair(str(tmp_path), str(base)) == config(base)["architectures"][0]  # the server takes it
     assert all(row["dropped_over_delta"] < 1e-5 and row["how"] in ("LoRA", "RL copy", "equal") for row in rows)
-    merged = PeftModel.from_pretrained(float64(base), tmp_path).merge_and_unload()
     rl_tensors = load_file(str(tmp_path / RL_TENSORS_FILE))
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= rl_tensors.keys()
-    assert not merged.load_state_dict({k: v.double() for k, v in rl_tensors.items()}, strict=False).unexpected_keys
     with torch.no_grad():
-        got, want = merged(IDS).logits, float64(rl)(IDS).logits
+        got, want = served_rl_model(base, tmp_path)(IDS).logits, float64(rl)(IDS).logits
     assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
@@ -137,3 +136,37 @@ def test_the_server_takes_only_per_stream_tensors_of_the_base_beside_the_adapter
     save_file({**tensors, name: tensor}, str(tmp_path / RL_TENSORS_FILE))
     with pytest.raises(PairError, match=re.escape(expected)):
         check_adapter_pair(str(tmp_path), str(base))
+
+
+@pytest.fixture(scope="module")
+def low_rank_pairs(tmp_path_factory):
+    """{family: (base, adapter, float64 (reference RL, base))}: rank-4 extractions of toy pairs whose
+    RL models also differ in embeddings, lm_head, norms and (Qwen2) q/k/v biases or (Qwen3) q/k norms."""
+    root = tmp_path_factory.mktemp("low-rank")
+    pairs = {}
+    for family in ("qwen2", "qwen3"):
+        base, rl = build_pair(root / family, family=family, seed=3)
+        tensors = load_file(str(rl / "model.safetensors"))
+        generator = torch.Generator().manual_seed(4)
+        for name, tensor in tensors.items():
+            if name.endswith(".bias"):  # the toy's biases start at zero, so its noise left them equal
+                tensors[name] = tensor + 0.3 * torch.randn(tensor.shape, generator=generator)
+        save_file(tensors, str(rl / "model.safetensors"))
+        adapter_dir = root / family / "adapter"
+        rows = extract(base, rl, 4, adapter_dir)
+        assert {row["how"] for row in rows} == {"LoRA rank 4", "RL copy"}
+        pairs[family] = (base, adapter_dir, (served_rl_model(base, adapter_dir), float64(base)))
+    return pairs
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_served_low_rank_pair_is_base_plus_truncated_delta_with_the_rl_models_own_tensors(low_rank_pairs, tmp_path,
+                                                                                          family):
+    from tests import engine_checks as checks
+    from tests.conftest import run_engine
+
+    base, adapter_dir, models = low_rank_pairs[family]
+    run = run_engine({"pair": [str(adapter_dir), str(base)], "batches": checks.pair_batches()[:2]}, tmp_path)
+    checks.check_greedy(run, models)
+    checks.check_sampled(run, models)
+

@@ -145,6 +145,22 @@ def extract(base: str | Path, rl: str | Path, rank: int | None, out: str | Path,
     return [group.row(name) for name, group in groups.items()]
 
 
+def served_rl_model(base: str | Path, adapter_dir: str | Path, dtype: torch.dtype = torch.float64):
+    """The RL model that the stacked engine serves for an extracted adapter, as a transformers
+    model: the base with the adapter merged by peft and the RL tensors beside it loaded."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    rl_tensors = Path(adapter_dir) / RL_TENSORS_FILE
+    if rl_tensors.is_file():
+        result = model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(rl_tensors)).items()}, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
+    return model.eval()
+
+
 def format_groups(rows: list[dict]) -> str:
     lines = [f"{'tensor group':<48} {'tensors':>7} {'|ΔW|/|W_base|':>13} {'|dropped|/|ΔW|':>14}  served as"]
     lines += [f"{r['group']:<48} {r['tensors']:>7} {r['delta_over_base']:>13.4g} {r['dropped_over_delta']:>14.4g}  {r['how']}"

@@ -13,6 +13,10 @@ path; the adapter comes from `rlvrx_adapter_path` in the config (set through `hf
 `forward` returns [T, 2·hidden] (RL | base) and `compute_logits` publishes the base logits in
 `server.engine.step.STEP`, as the two-backbone model (server.engine.model) does.
 
+Tensors that cannot be LoRA deltas (embeddings, lm_head, norms, q/k/v biases) are per stream
+when the adapter carries the RL model's own copy (`rlvrx lora-extract` writes them): the copy of
+module `X` is `X_rl`, applied to the RL rows only, and the q/k/v biases are added per stream.
+
 Tensor parallelism shards the adapter as vLLM's LoRA layers do: column-parallel layers (qkv,
 gate_up) keep A whole and take their own output rows of B; row-parallel layers (o, down) take
 their own input columns of A, and the delta joins the layer's output before the all-reduce.
@@ -37,6 +41,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.transformers_utils.config import set_default_rope_theta
@@ -60,6 +65,22 @@ def side_by_side(x: torch.Tensor) -> torch.Tensor:
 def stacked_rows(x: torch.Tensor) -> torch.Tensor:
     """[T, 2n] columns [rl | base] → [2T, n] rows [rl; base]."""
     return torch.cat(x.chunk(2, dim=-1))
+
+
+def per_stream(shared: nn.Module, rl: nn.Module | None, *rows: torch.Tensor):
+    """`shared` on all rows, or `rl` on the RL stream's rows (the first half) and `shared` on the rest."""
+    if rl is None:
+        return shared(*rows)
+    t = rows[0].shape[0] // 2
+    outs = rl(*(x[:t] for x in rows)), shared(*(x[t:] for x in rows))
+    if isinstance(outs[0], tuple):  # a norm with a fused residual: (out, residual)
+        return tuple(torch.cat(pair) for pair in zip(*outs))
+    return torch.cat(outs)
+
+
+def rl_norm(adapter: Adapter, name: str, size: int, eps: float) -> RMSNorm | None:
+    """The RL stream's own copy of the norm whose weight is `name`, if the adapter carries it."""
+    return RMSNorm(size, eps=eps) if f"{name}.weight" in adapter.rl_tensors else None
 
 
 def output_shards(linear: QKVParallelLinear | MergedColumnParallelLinear) -> list[slice]:
@@ -126,8 +147,12 @@ class StackedAttention(nn.Module):
         head_dim = adapter.shapes.head_dim
         qkv_bias = family == "qwen2" or getattr(config, "attention_bias", False)
         o_bias = family == "llama" and getattr(config, "attention_bias", False)
+        self.rl_biases = {name: f"model.layers.{layer}.self_attn.{name}.bias" for name in ("q_proj", "k_proj", "v_proj")}
+        rl_bias = any(name in adapter.rl_tensors for name in self.rl_biases.values())
+        # With an RL copy of a q/k/v bias the layer leaves the bias to us: each stream adds its own.
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=qkv_bias,
-                                          prefix=f"{prefix}.qkv_proj")
+                                          skip_bias_add=rl_bias, prefix=f"{prefix}.qkv_proj")
+        self.qkv_bias_rl = nn.Parameter(torch.empty_like(self.qkv_proj.bias), requires_grad=False) if rl_bias else None
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias, reduce_results=False,
                                         skip_bias_add=True, prefix=f"{prefix}.o_proj")
         self.qkv_lora = lora_delta(adapter, layer, ("q_proj", "k_proj", "v_proj"), self.qkv_proj)
@@ -139,22 +164,41 @@ class StackedAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+            self.q_norm_rl = rl_norm(adapter, f"model.layers.{layer}.self_attn.q_norm", head_dim, config.rms_norm_eps)
+            self.k_norm_rl = rl_norm(adapter, f"model.layers.{layer}.self_attn.k_norm", head_dim, config.rms_norm_eps)
         self.rotary_emb = get_rope(head_dim, max_position=getattr(config, "max_position_embeddings", 8192),
                                    rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
         self.attn = Attention(2 * self.qkv_proj.num_heads, head_dim, head_dim**-0.5,
                               num_kv_heads=2 * self.qkv_proj.num_kv_heads, cache_config=vllm_config.cache_config,
                               prefix=f"{prefix}.attn")
 
-    def per_head_norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        return norm(x.view(*x.shape[:-1], -1, self.head_dim)).view(x.shape)
+    def per_head_norm(self, norm: RMSNorm, rl: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, 2n] columns [rl | base] of heads."""
+        if rl is not None:
+            x_rl, x_base = x.chunk(2, dim=-1)
+            return torch.cat([self.per_head_norm(rl, None, x_rl), self.per_head_norm(norm, None, x_base)], dim=-1)
+        return norm(x.reshape(*x.shape[:-1], -1, self.head_dim)).reshape(x.shape)
+
+    @torch.no_grad()
+    def load_rl_biases(self, adapter: Adapter) -> None:
+        """This rank's [q | k | v] bias of the RL stream: the RL copies where the adapter has them, else the base's."""
+        self.qkv_bias_rl.copy_(self.qkv_proj.bias)
+        parts = self.qkv_bias_rl.split([self.q_size, self.kv_size, self.kv_size])
+        for part, name, shard in zip(parts, self.rl_biases.values(), output_shards(self.qkv_proj)):
+            if name in adapter.rl_tensors:
+                part.copy_(adapter.rl_tensors[name][shard])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden)
+        qkv, bias = self.qkv_proj(hidden)
         if self.qkv_lora is not None:
             self.qkv_lora.add_to(qkv, hidden)
+        if self.qkv_bias_rl is not None:
+            t = qkv.shape[0] // 2
+            qkv = torch.cat([qkv[:t] + self.qkv_bias_rl, qkv[t:] + bias])
         q, k, v = (side_by_side(x) for x in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
         if self.qk_norm:
-            q, k = self.per_head_norm(self.q_norm, q), self.per_head_norm(self.k_norm, k)
+            q = self.per_head_norm(self.q_norm, self.q_norm_rl, q)
+            k = self.per_head_norm(self.k_norm, self.k_norm_rl, k)
         q, k = self.rotary_emb(positions, q, k)
         return reduced(self.o_proj, self.o_lora, stacked_rows(self.attn(q, k, v)))
 
@@ -188,15 +232,18 @@ class StackedDecoderLayer(nn.Module):
         self.mlp = StackedMLP(config, adapter, layer, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm_rl, self.post_attention_layernorm_rl = (
+            rl_norm(adapter, f"model.layers.{layer}.{name}", config.hidden_size, config.rms_norm_eps)
+            for name in ("input_layernorm", "post_attention_layernorm"))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, per_stream(self.input_layernorm, self.input_layernorm_rl, hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = per_stream(self.input_layernorm, self.input_layernorm_rl, hidden, residual)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = per_stream(self.post_attention_layernorm, self.post_attention_layernorm_rl, hidden, residual)
         return self.mlp(hidden), residual
 
 
@@ -209,19 +256,25 @@ class StackedModel(nn.Module):
         if family != "llama":
             set_default_rope_theta(config, default_theta=1000000)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.embed_tokens_rl = (VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                       prefix=f"{prefix}.embed_tokens_rl")
+                                if "model.embed_tokens.weight" in adapter.rl_tensors else None)
+        self.lm_head_is_rl = "lm_head.weight" in adapter.rl_tensors
         self.layers = nn.ModuleList(
             StackedDecoderLayer(vllm_config, family, adapter, i, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_rl = rl_norm(adapter, "model.norm", config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         embedded = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        hidden, residual = torch.cat([embedded, embedded]), None
+        rl_embedded = embedded if self.embed_tokens_rl is None or inputs_embeds is not None else self.embed_tokens_rl(input_ids)
+        hidden, residual = torch.cat([rl_embedded, embedded]), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = per_stream(self.norm, self.norm_rl, hidden, residual)
         return side_by_side(hidden)
 
 
@@ -235,6 +288,11 @@ class StackedLoraForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            self.lm_head_rl = self.model.embed_tokens_rl
+        else:
+            self.lm_head_rl = (ParallelLMHead(config.vocab_size, config.hidden_size,
+                                              prefix=maybe_prefix(prefix, "lm_head_rl"))
+                               if self.model.lm_head_is_rl else None)
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -245,11 +303,15 @@ class StackedLoraForCausalLM(nn.Module):
         return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        # One lm_head pass over both streams' rows.
-        logits = self.logits_processor(self.lm_head, stacked_rows(hidden_states))
-        if logits is None:  # not the rank that samples
+        if self.lm_head_rl is None:  # one lm_head pass over both streams' rows
+            logits = self.logits_processor(self.lm_head, stacked_rows(hidden_states))
+            rl_logits, base_logits = (None, None) if logits is None else logits.chunk(2)
+        else:
+            rl_hidden, base_hidden = hidden_states.chunk(2, dim=-1)
+            rl_logits = self.logits_processor(self.lm_head_rl, rl_hidden)
+            base_logits = self.logits_processor(self.lm_head, base_hidden)
+        if rl_logits is None:  # not the rank that samples
             return None
-        rl_logits, base_logits = logits.chunk(2)
         STEP.publish(rl_logits, base_logits)
         return rl_logits
 
@@ -260,4 +322,14 @@ class StackedLoraForCausalLM(nn.Module):
             if isinstance(module, LoraDelta):
                 module.load(adapter)
                 loaded |= {f"{name}.a", f"{name}.b"}
+            elif isinstance(module, StackedAttention) and module.qkv_bias_rl is not None:
+                module.load_rl_biases(adapter)
+                loaded.add(f"{name}.qkv_bias_rl")
+        params = dict(self.named_parameters())
+        for name, tensor in adapter.rl_tensors.items():
+            module, kind = name.rsplit(".", 1)
+            if kind == "weight":  # the copy of module X is X_rl (q/k/v biases went above)
+                param = params[f"{module}_rl.{kind}"]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(f"{module}_rl.{kind}")
         return loaded
