@@ -32,8 +32,9 @@ kv the KV bytes per token of one model; L the context), the time those bytes tak
 bandwidth of a large device-to-device copy measured in the same run, and the ratio
 stacked / two backbones that it predicts, beside the measured one.
 
-Memory on the GPU: one set of weights (15.2 GB), the adapter (0.16 GB) and one KV cache of
-2·max(B) rows (60 GB at B = 256), allocated once; about 78 GB at the peak.
+Memory on the GPU: one set of weights (15.2 GB, of which a step reads 14.1), the adapter
+(0.25 GB as the stacked engine holds it, packed with block-diagonal B; 0.16 GB unpacked) and one
+KV cache of 2·max(B) rows (60.1 GB at B = 256), allocated once; about 78 GB at the peak.
 """
 
 import argparse

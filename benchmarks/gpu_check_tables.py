@@ -6,6 +6,7 @@
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 
@@ -93,17 +94,19 @@ def render(directory: Path | None) -> str:
     """Every table of TABLES; from the JSON in `directory`, or marked not yet measured (None)."""
     parts = []
     for title, file, note, columns in TABLES:
-        headers = [h for h, _ in columns]
         path = directory / file if directory else None
-        if path is None or not path.exists():
-            status = "not yet measured" if directory is None else f"no {file}: this part did not run"
-            parts.append(f"#### {title}\n\n{note}\n\n_{status}_\n\n{markdown(headers, [['–'] * len(headers)])}")
-            continue
-        results = json.loads(path.read_text())
-        stopped = " — stopped early by the time budget" if results["stopped_early"] else ""
-        where = f"{results['device']}, torch {results['torch']}, Triton {results['triton']}, {results['date']}{stopped}"
-        rows = [[value(r) for _, value in columns] for r in results["records"]]
-        parts.append(f"#### {title}\n\n{note}\n\n_{where}_\n\n{markdown(headers, rows)}")
+        rows = [["–"] * len(columns)]
+        if path is None:
+            where = "not yet measured"
+        elif not path.exists():
+            where = f"no {file}: this part did not run"
+        else:
+            results = json.loads(path.read_text())
+            stopped = " — stopped early by the time budget" if results["stopped_early"] else ""
+            where = f"{results['device']}, torch {results['torch']}, Triton {results['triton']}, {results['date']}{stopped}"
+            rows = [[value(r) for _, value in columns] for r in results["records"]]
+        table = markdown([header for header, _ in columns], rows)
+        parts.append(f"#### {title}\n\n{textwrap.fill(note, 100)}\n\n_{where}_\n\n{table}")
     return "\n\n".join(parts)
 
 
