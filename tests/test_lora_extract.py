@@ -170,3 +170,15 @@ def test_served_low_rank_pair_is_base_plus_truncated_delta_with_the_rl_models_ow
     checks.check_greedy(run, models)
     checks.check_sampled(run, models)
 
+
+def test_served_low_rank_pair_compiled_at_tensor_parallel_2(low_rank_pairs, tmp_path):
+    """The RL copies sharded (vocab-parallel embedding and lm_head, q/k/v biases by head) and compiled."""
+    from tests import engine_checks as checks
+    from tests.conftest import run_engine
+    from tests.test_lora import TP
+
+    base, adapter_dir, models = low_rank_pairs["qwen2"]
+    run = run_engine({"pair": [str(adapter_dir), str(base)], "batches": checks.pair_batches()[:2], "eager": False,
+                      **TP}, tmp_path)
+    checks.check_greedy(run, models)
+    checks.check_sampled(run, models)

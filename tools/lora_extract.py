@@ -184,7 +184,7 @@ def energy_report(base: str | Path, rl: str | Path, out: str | Path, ranks: tupl
             energy[projection[1]] = (s2.cumsum(0) / s2.sum()).tolist()
     if not energy:
         raise PairError(f"no projection of {', '.join(targets)} differs between the checkpoints")
-    header = "| projection | " + " | ".join(f"rank {r}" for r in ranks) + " | full rank |"
+    header = "| projection | " + " | ".join(f"rank {r}" for r in ranks) + " | singular values |"
     lines = [header, "|---" * (len(ranks) + 2) + "|"]
     for key, captured in energy.items():
         cells = [f"{captured[min(r, len(captured)) - 1]:.3f}" for r in ranks]
