@@ -13,7 +13,6 @@ under their checkpoint names, which the stacked model gives to the RL stream. PE
 carrying full tensors (`modules_to_save`, trainable tokens) stay refused.
 """
 
-import hashlib
 import json
 import math
 import re
@@ -74,18 +73,6 @@ def is_adapter_dir(path: str | Path) -> bool:
 def has_tokenizer(path: str | Path) -> bool:
     """Whether the adapter directory ships a tokenizer (then it is served, as an RL checkpoint's is)."""
     return (Path(path) / "tokenizer_config.json").is_file()
-
-
-def shape_digest(path: str | Path) -> str:
-    """A digest of the names and shapes of the adapter directory's tensors: the structure of the
-    stacked model built for it (which modules get a delta, of which rank), not its values."""
-    from safetensors import safe_open
-
-    shapes = []
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as tensors:
-            shapes += [(file.name, name, tensors.get_slice(name).get_shape()) for name in sorted(tensors.keys())]
-    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

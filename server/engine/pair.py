@@ -103,7 +103,7 @@ def check_adapter_pair(adapter_path: str, base_path: str) -> str:
 def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:
     """vLLM engine arguments (as `LLM(**kw)` / `AsyncEngineArgs(**kw)`) for the pair: the stacked
     model when `rl_path` is a LoRA adapter directory of the base, else the two-backbone model."""
-    from server.engine.adapter import has_tokenizer, is_adapter_dir, shape_digest
+    from server.engine.adapter import has_tokenizer, is_adapter_dir
 
     processing = {"logits_processors": [PROCESSOR], "logprobs_mode": "processed_logprobs"}
     if is_adapter_dir(rl_path):
@@ -115,10 +115,6 @@ def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:
                 "rlvrx_inner_architecture": check_adapter_pair(rl_path, base_path),
                 "rlvrx_adapter_path": str(Path(rl_path).resolve()),
             },
-            # vLLM keys its compiled-model cache on the config less hf_overrides: without the
-            # adapter's shapes in the key, another adapter of the same base would be served by
-            # the model compiled for the first one.
-            "additional_config": {"rlvrx_adapter_shapes": shape_digest(rl_path)},
             **processing,
         }
     inner = check_pair(rl_path, base_path)
