@@ -18,7 +18,8 @@ Passes over the logit rows, per row:
   1      both rows: log-sum-exp of e/T over S (and over all tokens, for the widening
          rule), kept mass of p_g and M, S compacted (up to S_CAP values);
   0 | 7  both rows: top-p threshold of p_x, only when S does not fit the scratch row
-         (k = 0, or more than S_CAP candidates) — else 7 passes over the compacted values;
+         (k = 0, more than S_CAP candidates, or S widened to every token) — else 7
+         passes over the compacted values;
   1      both rows: write the output row (and Δ).
 So 10 passes at the paper setting (k = 50, top-p 0.7), 7 of them over one row. Reading a
 row costs 4 bytes per token for fp32, 2 for bf16/fp16; the output pass writes 4 bytes per
