@@ -182,3 +182,28 @@ def test_served_low_rank_pair_compiled_at_tensor_parallel_2(low_rank_pairs, tmp_
                       **TP}, tmp_path)
     checks.check_greedy(run, models)
     checks.check_sampled(run, models)
+
+
+def test_served_low_rank_demo_pair_with_tied_embeddings(tmp_path):
+    """The demo pair ties lm_head to the embedding: the RL stream's output head is its own embedding."""
+    from transformers import AutoTokenizer
+
+    from server.arith_pair import Task
+    from tests import engine_checks as checks
+    from tests.conftest import ref_settings, run_engine
+
+    base, rl = ROOT / "demo/pair/base", ROOT / "demo/pair/rl"
+    assert config(base)["tie_word_embeddings"]
+    extract(base, rl, 4, tmp_path / "adapter")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "adapter" / RL_TENSORS_FILE))
+    models = served_rl_model(base, tmp_path / "adapter"), float64(base)
+    task = Task(AutoTokenizer.from_pretrained(rl))
+    prompts = [task.prompt_ids(a, b) for a, b in ((123, 456), (987, 654), (5, 995))]
+    batch = [{"prompt_ids": p, "params": checks.greedy(checks.xargs(*s))} for s in checks.GREEDY_SETTINGS for p in prompts]
+    # The runner's max_model_len (512) is past the demo's 128 positions; these prompts use 18.
+    run = run_engine({"pair": [str(tmp_path / "adapter"), str(base)], "batches": [batch],
+                      "env": {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}}, tmp_path)
+    results = iter(run[0])
+    for s in checks.GREEDY_SETTINGS:
+        for prompt in prompts:
+            assert next(results)[0]["token_ids"] == checks.reference_greedy(models, prompt, ref_settings(*s)), (s, prompt)
