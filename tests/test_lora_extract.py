@@ -4,7 +4,8 @@ rank-R approximation (Eckart–Young, against torch.linalg.svd); the report's en
 singular values'; refused pairs end in one line with exit code 2; the server takes only per-stream
 tensors of the base beside the adapter; and a served low-rank pair whose RL model also differs in
 embeddings, lm_head, norms and biases is the float64 reference of base + truncated deltas with the RL
-model's own non-projection tensors (tests/engine_checks.py)."""
+model's own non-projection tensors (tests/engine_checks.py; eager, compiled at TP 2, and on the demo
+pair, whose output head is tied to the embedding)."""
 
 import json
 import re
