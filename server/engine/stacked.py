@@ -269,8 +269,11 @@ class StackedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        embedded = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rl_embedded = embedded if self.embed_tokens_rl is None or inputs_embeds is not None else self.embed_tokens_rl(input_ids)
+        if inputs_embeds is not None:  # embeddings given by the caller stand for both streams
+            rl_embedded = embedded = inputs_embeds
+        else:
+            embedded = self.embed_tokens(input_ids)
+            rl_embedded = embedded if self.embed_tokens_rl is None else self.embed_tokens_rl(input_ids)
         hidden, residual = torch.cat([rl_embedded, embedded]), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
