@@ -9,7 +9,8 @@ difference (an untargeted projection, …) is dropped. A table gives, per tensor
 relative size of the delta that was kept, truncated or dropped.
 
 Memory: both checkpoints' safetensors files (single or sharded) are memory-mapped and read one
-tensor at a time, so RAM holds one pair of tensors, its SVD and the adapter being built.
+tensor at a time, so RAM holds one pair of tensors, its SVD, and the adapter and RL copies being
+written.
 
 `--report` writes, instead of an adapter, how much of each projection delta's energy its top-R
 singular values capture (Σ_{i≤R} σ_i² / Σ σ_i²): a table, a JSON file and a PNG.
