@@ -10,6 +10,7 @@ from server.api.drain import DrainMiddleware
 from server.api.errors import send_json
 from server.api.middleware import PRIVATE_PREFIX, ApiConfig, ExtrapolationMiddleware
 from server.engine import settings as settings_mod
+from server.engine import stats as stats_mod
 
 CONFIG = ApiConfig(defaults=settings_mod.Extrapolation(), vocab_size=1000, stats_path="/nonexistent", served_name="toy")
 PRIVATE = {"_rlvrx_temperature": "hot", "_rlvrx_top_p": -1, "_rlvrx_stats_slot": -5, "_rlvrx_stats_file": "/etc/passwd"}
@@ -58,11 +59,18 @@ def private_keys(node) -> list[str]:
     ("/inference/v1/generate", {"token_ids": [1], "sampling_params": {"extra_args": {**PRIVATE, "keep": 1}}}),
     ("/some/future/route", {"requests": [{"vllm_xargs": {**PRIVATE, "keep": 1}}], **PRIVATE}),
 ])
-def test_private_keys_never_reach_vllm_on_any_route(path, body):
+def test_private_keys_never_reach_vllm_on_any_route(path, body, tmp_path, monkeypatch):
+    table = stats_mod.StatsTable(str(tmp_path / "stats.f64"), create=True)  # /invocations is admitted: it gets a slot
+    monkeypatch.setattr(CONFIG, "stats_path", table.path)
     app = VllmApp()
     assert call(ExtrapolationMiddleware(app), app, path, json.dumps(body).encode())[0] == 200
     received = json.loads(app.bodies[0])
-    assert private_keys(body) and not private_keys(received)
+    assert private_keys(body)
+    # Only the middleware's own admission (a slot and this server's token) may carry the prefix.
+    assert set(private_keys(received)) <= {stats_mod.SLOT_KEY, stats_mod.ADMISSION_KEY}
+    if private_keys(received):
+        xargs = received["vllm_xargs"]
+        assert xargs[stats_mod.ADMISSION_KEY] == stats_mod.ADMISSION_TOKEN and 0 <= xargs[stats_mod.SLOT_KEY] < stats_mod.SLOTS
     assert "keep" in json.dumps(received)  # the rest of the body is untouched
 
 
@@ -70,13 +78,14 @@ def test_escaped_private_keys_are_removed_too():
     app = VllmApp()
     body = b'{"model": "toy", "input": "hi", "vllm_xargs": {"\\u005frlvrx_stats_file": "/etc/passwd"}}'
     call(ExtrapolationMiddleware(app), app, "/v1/responses", body)
-    assert json.loads(app.bodies[0])["vllm_xargs"] == {}
+    assert not private_keys(json.loads(app.bodies[0]))
 
 
 def test_bodies_without_private_keys_pass_unchanged():
+    """On a route the middleware does not admit (here vLLM's token-in, token-out route)."""
     app = VllmApp()
-    for body in (b'{"model": "toy",   "input": "hi"}', b"not json", b"[" * 100000, b""):
-        call(ExtrapolationMiddleware(app), app, "/v1/responses", body)
+    for body in (b'{"token_ids": [1],   "sampling_params": {}}', b"not json", b"[" * 100000, b""):
+        call(ExtrapolationMiddleware(app), app, "/inference/v1/generate", body)
         assert app.bodies[-1] == body
 
 
