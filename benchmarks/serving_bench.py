@@ -16,6 +16,12 @@ exactly that many tokens; T = 1, top-p 0.7 for every system) at each concurrency
 * `hf-generate` — transformers `generate` on the RL model with a logits processor that runs
   the base model and `kernels.combine` each step (benchmarks/baselines/transformers_generate.py).
 
+For a LoRA child (`--rl` an adapter directory: `rlvrx serve` holds one stacked backbone), pass
+the merged model as `--rl-model`: the systems that serve the RL model alone take it, and two
+more systems run: `vllm-lora` — vLLM `--enable-lora` serving base + adapter alone (a second
+single-model anchor), and `rlvrx-2b` — the extrapolated preset of `rlvrx serve` with the
+merged model as a full child (the two-backbone path on the same pair).
+
 `--systems` picks a subset. The two baselines take the requests in batches of the
 concurrency (a batch starts when the previous one has finished), as a user of them would.
 Prompts are 3-digit reversed additions for the demo pair (its character tokenizer knows
@@ -44,10 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.overload import stream_completion  # noqa: E402
+from server.engine.adapter import is_adapter_dir  # noqa: E402
 
 PAPER = {"gamma": 0.05, "tau": -0.3, "generator": "base", "candidates": 50}
 SAMPLING = {"temperature": 1.0, "top_p": 0.7}  # every system, every request
-SYSTEMS = ("rlvrx", "rlvrx:rl", "vllm-rl", "paper-2engines", "hf-generate")
+SYSTEMS = ("rlvrx", "rlvrx:rl", "rlvrx-2b", "vllm-rl", "vllm-lora", "paper-2engines", "hf-generate")
 TEXT_PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain why the sky is blue to a ten-year-old.",
@@ -65,13 +72,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, timeout: int = 900) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     # Its own process group, for `stop`, but not its own session: with the kernel's scheduler
     # autogroups a new session would get half of the CPU against the client's, not its threads' share.
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             process_group=0)
-    for _ in range(300):
+    deadline = time.monotonic() + timeout  # compiling a model on this CPU takes minutes
+    while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             return proc
@@ -79,7 +87,8 @@ def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
             if proc.poll() is not None:
                 raise SystemExit(f"server failed to start, see {log}")
             time.sleep(1)
-    raise SystemExit(f"server did not start, see {log}")
+    stop(proc)  # or it keeps the port from the next system
+    raise SystemExit(f"server did not start in {timeout} s, see {log}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -172,9 +181,19 @@ def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -
     servers = [
         ([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl, "--base", args.base, *common], "rlvrx.log",
          [("rlvrx", "m", PAPER), ("rlvrx:rl", "m:rl", {})]),
-        ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl,
+        ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl_model,
           "--logprobs-mode", "processed_logprobs", *common], "vllm.log", [("vllm-rl", "m", {})]),
     ]
+    if is_adapter_dir(args.rl):
+        config = json.loads((Path(args.rl) / "adapter_config.json").read_text())
+        rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+        servers += [
+            ([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl_model, "--base", args.base, *common],
+             "rlvrx-2b.log", [("rlvrx-2b", "m", PAPER)]),
+            ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.base, "--enable-lora",
+              "--lora-modules", f"lora={args.rl}", "--max-lora-rank", str(rank),
+              "--logprobs-mode", "processed_logprobs", *common], "vllm-lora.log", [("vllm-lora", "lora", {})]),
+        ]
     rows = []
     for command, log, served in servers:
         served = [s for s in served if s[0] in systems]
@@ -202,11 +221,11 @@ def run_baselines(args, systems: list[str], levels: list[int], texts: list[str],
         if system == "hf-generate":
             from benchmarks.baselines.transformers_generate import TransformersGenerateBaseline
 
-            baseline = TransformersGenerateBaseline(args.rl, args.base, dtype=args.dtype)
+            baseline = TransformersGenerateBaseline(args.rl_model, args.base, dtype=args.dtype)
         else:
             from benchmarks.baselines.paper_two_engines import TwoEngineBaseline
 
-            baseline = TwoEngineBaseline(args.rl, args.base, dtype=args.dtype, seed=0, gpu_memory_utilization=0.3,
+            baseline = TwoEngineBaseline(args.rl_model, args.base, dtype=args.dtype, seed=0, gpu_memory_utilization=0.3,
                                          enable_prefix_caching=True)
         drive_batches(baseline, tokenizer, texts[:4], 4, 4)  # warm-up, not recorded
         for c in levels:
@@ -233,6 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rl", default="demo/pair/rl")
     parser.add_argument("--base", default="demo/pair/base")
+    parser.add_argument("--rl-model", default=None,
+                        help="the RL model as a full checkpoint, when --rl is a LoRA adapter (its merge)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32)
@@ -246,10 +267,13 @@ def main() -> None:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if is_adapter_dir(args.rl) and args.rl_model is None:
+        parser.error("--rl is a LoRA adapter: give its merged model as --rl-model")
+    args.rl_model = args.rl_model or args.rl
     levels = [int(c) for c in args.concurrency.split(",")]
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.rl)
+    tokenizer = AutoTokenizer.from_pretrained(args.rl_model)
     texts = prompts(args.requests, prompt_style(tokenizer) if args.prompt_style == "auto" else args.prompt_style)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = run_servers(args, systems, levels, texts) + run_baselines(args, systems, levels, texts, tokenizer)
