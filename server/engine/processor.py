@@ -70,6 +70,7 @@ class BatchPlan:
     settings: RowSettings | None  # settings of ext_rows, in that order
     states: list[RowState]  # every row of the batch, in order
     ext_states: list[RowState]  # the states of ext_rows, in that order
+    ext_position: list[int | None]  # each row's index in ext_states (None: not extrapolated)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,9 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         ext = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough is None)
         base = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough == "base")
         ext_states = [self.rows[i] for i in ext]
+        rows = [i for i in range(num_rows) if i in self.rows]
+        states = [self.rows[i] for i in rows]
+        position = {row: pos for pos, row in enumerate(ext)}
         as_tensor = lambda values, dtype: to_device(values, dtype, self.device)  # noqa: E731
         selection = [SELECTION[r.settings.selection] for r in ext_states]
         row_settings = RowSettings(
@@ -197,8 +201,9 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             ext_all=ext == list(range(num_rows)),
             base_rows=as_tensor(base, torch.int64) if base else None,
             settings=row_settings,
-            states=[self.rows[i] for i in range(num_rows) if i in self.rows],
+            states=states,
             ext_states=ext_states,
+            ext_position=[position.get(i) for i in rows],
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -250,9 +255,8 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
                   if state.stats_slot is not None]
         if writes and self.table is not None:
             self.reads.submit([prob], lambda values: self.write_stats(writes, values[0]))
-        ext_position = {id(state): pos for pos, state in enumerate(plan.ext_states)}
         self.sampled = SampledStep(states=plan.states, lengths=[len(s.output_ids) for s in plan.states],
-                                   ext_position=[ext_position.get(id(s)) for s in plan.states], prob=prob, delta=delta)
+                                   ext_position=plan.ext_position, prob=prob, delta=delta)
 
     def write_stats(self, writes: list[tuple[RowState, int, int]], prob: list[float]) -> None:
         for state, position, pos in writes:
