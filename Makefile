@@ -33,11 +33,11 @@ endif
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m server.cli demo --out models/demo
+	$(PY) -m rlvrx.server.cli demo --out models/demo
 
 serve: install
-	test -f $(DEMO_DIR)/rl/config.json || $(PY) -m server.cli demo --out $(DEMO_DIR)
-	$(PY) -m server.cli serve --rl $(DEMO_DIR)/rl --base $(DEMO_DIR)/base \
+	test -f $(DEMO_DIR)/rl/config.json || $(PY) -m rlvrx.server.cli demo --out $(DEMO_DIR)
+	$(PY) -m rlvrx.server.cli serve --rl $(DEMO_DIR)/rl --base $(DEMO_DIR)/base \
 		--served-model-name demo --dtype float32 --host $(HOST) --port $(PORT)
 
 test: install

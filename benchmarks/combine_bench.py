@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import RowSettings, rule  # noqa: E402
+from rlvrx.kernels import RowSettings, rule  # noqa: E402
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)  # the Triton interpreter's inf arithmetic
 
@@ -77,7 +77,7 @@ def random_rows(rows: int, vocab: int, device: str, dtype: torch.dtype, seed: in
 
 def check_kernel(device: str, vocabs: list[int], rows: int) -> list[dict]:
     """Kernel vs PyTorch path; raises on a mismatch. Returns one record per case."""
-    from kernels import triton_combine
+    from rlvrx.kernels import triton_combine
 
     records = []
     for vocab in vocabs:
@@ -212,7 +212,7 @@ def main() -> None:
             kernel_s = copy_s = None
             min_bytes = batch * vocab * (4 + 4 + 4)
             if use_kernel:
-                from kernels import triton_combine
+                from rlvrx.kernels import triton_combine
 
                 out = torch.empty_like(rl)
                 kernel_s = timed(lambda: triton_combine.combine(rl, base, settings, out=out), device, repeats)

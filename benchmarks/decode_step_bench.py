@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.combine_bench import random_rows  # noqa: E402
 from benchmarks.kernel_check import case_settings  # noqa: E402
 from benchmarks.timing import Budget, cuda_graph, machine, median_seconds, write_json  # noqa: E402
-from kernels import combine  # noqa: E402
+from rlvrx.kernels import combine  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import evaluation  # noqa: E402
-from server.arith_pair import answer, question  # noqa: E402
+from rlvrx.server import evaluation  # noqa: E402
+from rlvrx.server.arith_pair import answer, question  # noqa: E402
 
 
 def write_problems(out: Path, count: int) -> list[dict]:

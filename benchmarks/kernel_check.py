@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.combine_bench import random_rows  # noqa: E402
 from benchmarks.timing import Budget, cuda_graph, loop_seconds, machine, median_seconds, write_json  # noqa: E402
-from kernels import RowSettings, reference, rule, triton_combine  # noqa: E402
+from rlvrx.kernels import RowSettings, reference, rule, triton_combine  # noqa: E402
 
 PAPER = dict(gamma=0.05, tau=-0.3, generator="base", top_p=0.7)
 SETTINGS = {"paper": 50, "k=0": 0}  # the candidate count k of each setting

@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import RowSettings, combine  # noqa: E402
-from kernels.reference import Settings, two_stage_distribution  # noqa: E402
-from server.arith_pair import Task, test_problems  # noqa: E402
-from tools.lora_extract import extract, served_rl_model  # noqa: E402
+from rlvrx.kernels import RowSettings, combine  # noqa: E402
+from rlvrx.kernels.reference import Settings, two_stage_distribution  # noqa: E402
+from rlvrx.server.arith_pair import Task, test_problems  # noqa: E402
+from rlvrx.tools.lora_extract import extract, served_rl_model  # noqa: E402
 
 PAPER = Settings(gamma=0.05, tau=-0.3, generator="base", candidates=50, temperature=1.0, top_p=0.7)
 DEMO_BEST = Settings(gamma=0.5, tau=-0.5, generator="base", candidates=0, temperature=1.0, top_p=1.0)

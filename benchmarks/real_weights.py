@@ -88,7 +88,7 @@ def main() -> None:
         tokenizer.save_pretrained(out / name)
         print(f"wrote {out / name}")
     if args.lora:
-        from server.toy_pair import build_lora_child
+        from rlvrx.server.toy_pair import build_lora_child
 
         adapter, merged = build_lora_child(out / "base", out / "lora", rank=args.lora, alpha=2 * args.lora,
                                            seed=args.seed, std=args.lora_std)

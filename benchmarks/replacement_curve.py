@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.demo_accuracy import arguments, run_all, write_problems  # noqa: E402
-from server import evaluation  # noqa: E402
+from rlvrx.server import evaluation  # noqa: E402
 
 THRESHOLDS = {  # τ per criterion, from "replace nothing" to "replace everything"
     "delta_logp": [-math.inf, -4.0, -2.0, -1.5, -1.0, -0.5, -0.2, -0.1, -0.05, 0.0, 0.5, math.inf],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.arith_pair import TrainConfig, train_rl  # noqa: E402
+from rlvrx.server.arith_pair import TrainConfig, train_rl  # noqa: E402
 
 
 def main() -> None:

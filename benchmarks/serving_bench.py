@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.overload import stream_completion  # noqa: E402
-from server.engine.adapter import is_adapter_dir  # noqa: E402
+from rlvrx.server.engine.adapter import is_adapter_dir  # noqa: E402
 
 PAPER = {"gamma": 0.05, "tau": -0.3, "generator": "base", "candidates": 50}
 SAMPLING = {"temperature": 1.0, "top_p": 0.7}  # every system, every request
@@ -112,7 +112,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def prompts(count: int, style: str) -> list[str]:
     """`count` fixed prompts: reversed 3-digit additions (`arith`) or plain-text requests (`text`)."""
-    from server.arith_pair import question
+    from rlvrx.server.arith_pair import question
 
     if style == "arith":
         return [question((37 * i) % 1000, (91 * i + 5) % 1000) + "=" for i in range(count)]
@@ -121,7 +121,7 @@ def prompts(count: int, style: str) -> list[str]:
 
 def prompt_style(tokenizer) -> str:
     """`arith` for the demo pair (recognised by its chat template), else `text`."""
-    from server.arith_pair import CHAT_TEMPLATE
+    from rlvrx.server.arith_pair import CHAT_TEMPLATE
 
     return "arith" if tokenizer.chat_template == CHAT_TEMPLATE else "text"
 
@@ -179,7 +179,7 @@ def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -
     common = ["--port", str(args.port), "--host", "127.0.0.1", "--dtype", args.dtype,
               "--served-model-name", "m", "--seed", "0"]
     servers = [
-        ([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl, "--base", args.base, *common], "rlvrx.log",
+        ([sys.executable, "-m", "rlvrx.server.cli", "serve", "--rl", args.rl, "--base", args.base, *common], "rlvrx.log",
          [("rlvrx", "m", PAPER), ("rlvrx:rl", "m:rl", {})]),
         ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl_model,
           "--logprobs-mode", "processed_logprobs", *common], "vllm.log", [("vllm-rl", "m", {})]),
@@ -188,7 +188,7 @@ def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -
         config = json.loads((Path(args.rl) / "adapter_config.json").read_text())
         rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
         servers += [
-            ([sys.executable, "-m", "server.cli", "serve", "--rl", args.rl_model, "--base", args.base, *common],
+            ([sys.executable, "-m", "rlvrx.server.cli", "serve", "--rl", args.rl_model, "--base", args.base, *common],
              "rlvrx-2b.log", [("rlvrx-2b", "m", PAPER)]),
             ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.base, "--enable-lora",
               "--lora-modules", f"lora={args.rl}", "--max-lora-rank", str(rank),

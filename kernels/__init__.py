@@ -9,8 +9,8 @@ float64 two-stage reference used by the tests.
 
 import torch
 
-from kernels import rule
-from kernels.rule import GREEDY_EPS, SELECTION, Combined, RowSettings
+from rlvrx.kernels import rule
+from rlvrx.kernels.rule import GREEDY_EPS, SELECTION, Combined, RowSettings
 
 
 def combine(
@@ -18,7 +18,7 @@ def combine(
 ) -> Combined:
     """Apply the rule to a batch of rows; see kernels/rule.py for inputs and outputs."""
     if rl_logits.is_cuda and settings.selection is None:
-        from kernels import triton_combine  # imported on first use: Triton is a GPU dependency
+        from rlvrx.kernels import triton_combine  # imported on first use: Triton is a GPU dependency
 
         return triton_combine.combine(rl_logits, base_logits, settings, want_delta)
     return rule.combine(rl_logits, base_logits, settings, want_delta)

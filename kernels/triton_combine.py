@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rule import GREEDY_EPS, Combined, RowSettings
+from rlvrx.kernels.rule import GREEDY_EPS, Combined, RowSettings
 
 NB = 32  # candidate thresholds per search pass
 SEARCH_PASSES = 7  # (NB + 1)^7 > 2^33: enough to pin a 32-bit key

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from server.toy_pair import PROJECTIONS, SPECIAL_TOKENS
+from rlvrx.server.toy_pair import PROJECTIONS, SPECIAL_TOKENS
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}="
 CARRY_DROP = {1: 0.3, 2: 0.6, 3: 0.3}  # P(dropping the carry into digit i) of the noisy solver

@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-from server.engine import settings as settings_mod
-from server.engine import startup_error
-from server.engine.pair import PairError, engine_kwargs
+from rlvrx.server.engine import settings as settings_mod
+from rlvrx.server.engine import startup_error
+from rlvrx.server.engine.pair import PairError, engine_kwargs
 
 # Outermost last: a draining server refuses before anything else looks at the request.
-MIDDLEWARE = ("server.api.middleware.ExtrapolationMiddleware", "server.api.drain.DrainMiddleware")
+MIDDLEWARE = ("rlvrx.server.api.middleware.ExtrapolationMiddleware", "rlvrx.server.api.drain.DrainMiddleware")
 DEFAULT_SHUTDOWN_TIMEOUT = 120  # seconds
 
 
@@ -166,9 +166,9 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from server.api.middleware import ApiConfig
-    from server.engine.stats import ENV as STATS_ENV
-    from server.engine.stats import StatsTable
+    from rlvrx.server.api.middleware import ApiConfig
+    from rlvrx.server.engine.stats import ENV as STATS_ENV
+    from rlvrx.server.engine.stats import StatsTable
 
     cli_env_setup()
     args = make_arg_parser(FlexibleArgumentParser(prog="rlvrx serve")).parse_args(vllm_argv)
@@ -215,7 +215,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
 def demo(ours: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from server.arith_pair import TrainConfig, train_pair, train_rl
+    from rlvrx.server.arith_pair import TrainConfig, train_pair, train_rl
 
     cfg = replace(TrainConfig(), alpha=ours.alpha, lora_rank=ours.lora)
     if ours.rl_steps is not None:
@@ -234,7 +234,7 @@ def demo(ours: argparse.Namespace) -> None:
 def evaluate(ours: argparse.Namespace) -> None:
     import openai
 
-    from server import evaluation
+    from rlvrx.server import evaluation
 
     try:
         gammas = [float(g) for g in ours.gamma.split(",")]
@@ -260,7 +260,7 @@ def evaluate(ours: argparse.Namespace) -> None:
 
 
 def lora_extract(ours: argparse.Namespace) -> None:
-    from tools import lora_extract as tool
+    from rlvrx.tools import lora_extract as tool
 
     targets = tuple(ours.targets or tool.PROJECTIONS)
     unknown = sorted(set(targets) - set(tool.PROJECTIONS))

@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def toy_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """{"qwen2": (base, rl), "llama": (base, rl)}: tiny random pairs, RL = base + noise."""
-    from server.toy_pair import build_pair
+    from rlvrx.server.toy_pair import build_pair
 
     root = tmp_path_factory.mktemp("pairs")
     return {family: build_pair(root / family, family=family, seed=i) for i, family in enumerate(("qwen2", "llama"))}
@@ -45,7 +45,7 @@ def ref_settings(gamma, tau, generator, candidates, temperature=0.0, top_p=1.0, 
     """The float64 reference's settings for request values (τ = None means +inf)."""
     import math
 
-    from kernels import reference
+    from rlvrx.kernels import reference
 
     return reference.Settings(gamma=gamma, tau=math.inf if tau is None else tau, generator=generator,
                               candidates=candidates, temperature=temperature, top_p=top_p, selection=selection)
@@ -100,7 +100,7 @@ def start_server(pair, log_path: Path, extra_env: dict | None = None, extra_args
     log = log_path.open("w")
     env = child_env(VLLM_CPU_KVCACHE_SPACE="1", **(extra_env or {}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base),
+        [sys.executable, "-m", "rlvrx.server.cli", "serve", "--rl", str(rl), "--base", str(base),
          "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--enforce-eager", "--max-model-len", "512", "--seed", "0", "--max-num-seqs", "32", *extra_args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

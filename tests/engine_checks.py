@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from kernels import reference as ref
+from rlvrx.kernels import reference as ref
 from tests.conftest import next_logits, ref_settings as settings
 
 MAX_TOKENS = 10

@@ -37,7 +37,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from server.engine.pair import engine_kwargs
+    from rlvrx.server.engine.pair import engine_kwargs
 
     if "pair" in spec:
         kwargs = engine_kwargs(*spec["pair"])

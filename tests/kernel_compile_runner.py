@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import RowSettings, triton_combine  # noqa: E402
+from rlvrx.kernels import RowSettings, triton_combine  # noqa: E402
 
 # (RL logits, base logits): the processor passes vLLM's float32 rows with the base model's
 # rows in the model's dtype (float32 after vLLM's edits were carried over); direct callers

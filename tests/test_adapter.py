@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.engine.adapter import read_adapter
-from server.engine.pair import PairError, check_adapter_pair
-from server.toy_pair import build_lora_child
+from rlvrx.server.engine.adapter import read_adapter
+from rlvrx.server.engine.pair import PairError, check_adapter_pair
+from rlvrx.server.toy_pair import build_lora_child
 from tests.test_startup import serve_fails
 
 PROJECTION_WEIGHT = re.compile(r"model\.layers\.(\d+)\.\w+\.(\w+)\.weight")
@@ -98,7 +98,7 @@ def test_refuses_what_is_not_plain_lora(base, tmp_path, options, edit, expected)
 
 
 def test_refuses_an_adapter_of_another_shape(base, tmp_path):
-    from server.toy_pair import build_pair
+    from rlvrx.server.toy_pair import build_pair
 
     wide_base, _ = build_pair(tmp_path / "wide", hidden=128)
     adapter_dir, _ = build_lora_child(wide_base, tmp_path / "lora")

@@ -8,7 +8,7 @@ import urllib.request
 import openai
 import pytest
 
-from kernels import reference as ref
+from rlvrx.kernels import reference as ref
 from tests.conftest import next_logits, ref_settings as settings
 
 PROMPT_IDS = [312, 345, 14, 273, 287, 344, 3, 223]
@@ -239,7 +239,7 @@ REQUIRED = {"/v1/chat/completions": {"model": "toy", "messages": [{"role": "user
 
 
 def test_every_documented_openai_field_has_a_case():
-    from server.api.middleware import openai_fields
+    from rlvrx.server.api.middleware import openai_fields
 
     for path, cases in OPENAI_FIELDS.items():
         assert set(cases) == openai_fields(path) - set(REQUIRED[path])

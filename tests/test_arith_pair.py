@@ -3,8 +3,8 @@
 import random
 from dataclasses import replace
 
-from server import arith_pair
-from server.engine.pair import check_pair
+from rlvrx.server import arith_pair
+from rlvrx.server.engine.pair import check_pair
 
 
 def test_reversed_notation_and_the_noisy_solver():
@@ -35,7 +35,7 @@ def test_training_pipeline_writes_a_servable_pair(tmp_path):
 
 
 def test_lora_child_is_an_adapter_the_stacked_model_serves(tmp_path):
-    from server.engine.pair import check_adapter_pair
+    from rlvrx.server.engine.pair import check_adapter_pair
     from tests.conftest import ROOT
 
     base = ROOT / "demo" / "pair" / "base"

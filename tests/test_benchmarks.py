@@ -31,7 +31,7 @@ def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkey
     import torch
 
     from benchmarks.baselines import transformers_generate as hf
-    from kernels import RowSettings, combine
+    from rlvrx.kernels import RowSettings, combine
 
     base_path, rl_path = toy_pairs["llama"]
     baseline = hf.TransformersGenerateBaseline(str(rl_path), str(base_path))

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from kernels import reference as ref
+from rlvrx.kernels import reference as ref
 from tests.conftest import next_logits, ref_settings, run_engine
 
 MAX_TOKENS = 8

@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 
-from server.cli import DEFAULT_SHUTDOWN_TIMEOUT, our_parser
+from rlvrx.server.cli import DEFAULT_SHUTDOWN_TIMEOUT, our_parser
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

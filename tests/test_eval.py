@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from server import evaluation
+from rlvrx.server import evaluation
 from tests.conftest import ROOT, child_env
 
 
@@ -46,7 +46,7 @@ def test_eval_runs_resumes_and_reports(live_server, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("\n".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) for a in (1, 2, 3)))
     out = tmp_path / "results.jsonl"
-    command = [sys.executable, "-m", "server.cli", "eval", "--url", url + "/v1", "--model", name, "--data", str(data),
+    command = [sys.executable, "-m", "rlvrx.server.cli", "eval", "--url", url + "/v1", "--model", name, "--data", str(data),
                "--n", "2", "--k", "1,2", "--gamma", "0,0.5", "--tau=-0.3,null", "--max-tokens", "8",
                "--seed", "1", "--concurrency", "4", "--out", str(out)]
     first = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
@@ -74,7 +74,7 @@ def test_eval_selection_criterion_reaches_the_server(live_server, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text(json.dumps({"problem": "What is 2 + 2?", "answer": "4"}))
     out = tmp_path / "results.jsonl"
-    command = [sys.executable, "-m", "server.cli", "eval", "--url", url + "/v1", "--model", name, "--data", str(data),
+    command = [sys.executable, "-m", "rlvrx.server.cli", "eval", "--url", url + "/v1", "--model", name, "--data", str(data),
                "--n", "2", "--gamma", "0", "--tau", "0,1", "--selection", "random", "--presets", "",
                "--max-tokens", "6", "--seed", "1", "--out", str(out)]
     run = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)

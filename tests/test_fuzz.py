@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import fuzz
-from server.api.middleware import openai_fields
-from server.engine import settings as settings_mod
+from rlvrx.server.api.middleware import openai_fields
+from rlvrx.server.engine import settings as settings_mod
 from tests.test_hardening import post, serves_normally
 
 EXAMPLES = int(os.environ.get("RLVRX_FUZZ_EXAMPLES", "150"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.toy_pair import build_lora_child, build_pair
+from rlvrx.server.toy_pair import build_lora_child, build_pair
 from tests import engine_checks as checks
 from tests.conftest import ref_settings, run_engine, start_server, stop_server
 

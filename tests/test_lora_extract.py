@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from server.engine.adapter import RL_TENSORS_FILE, read_adapter
-from server.engine.pair import PairError, check_adapter_pair
-from server.toy_pair import build_pair, build_tokenizer
+from rlvrx.server.engine.adapter import RL_TENSORS_FILE, read_adapter
+from rlvrx.server.engine.pair import PairError, check_adapter_pair
+from rlvrx.server.toy_pair import build_pair, build_tokenizer
 from tests.conftest import ROOT, child_env
-from tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract, served_rl_model
+from rlvrx.tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract, served_rl_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 12]])
 
@@ -86,7 +86,7 @@ def test_report_gives_the_energy_of_the_top_singular_values(toy_pairs, tmp_path)
 
 
 def extract_fails(base, rl, out, *extra) -> str:
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "lora-extract", "--base", str(base), "--rl", str(rl),
+    proc = subprocess.run([sys.executable, "-m", "rlvrx.server.cli", "lora-extract", "--base", str(base), "--rl", str(rl),
                            "--rank", "2", "--out", str(out), *extra],
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
@@ -189,7 +189,7 @@ def test_served_low_rank_demo_pair_with_tied_embeddings(tmp_path):
     """The demo pair ties lm_head to the embedding: the RL stream's output head is its own embedding."""
     from transformers import AutoTokenizer
 
-    from server.arith_pair import Task
+    from rlvrx.server.arith_pair import Task
     from tests import engine_checks as checks
     from tests.conftest import ref_settings, run_engine
 

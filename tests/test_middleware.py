@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.api.drain import DrainMiddleware
-from server.api.errors import send_json
-from server.api.middleware import PRIVATE_PREFIX, ApiConfig, ExtrapolationMiddleware
-from server.engine import settings as settings_mod
-from server.engine import stats as stats_mod
+from rlvrx.server.api.drain import DrainMiddleware
+from rlvrx.server.api.errors import send_json
+from rlvrx.server.api.middleware import PRIVATE_PREFIX, ApiConfig, ExtrapolationMiddleware
+from rlvrx.server.engine import settings as settings_mod
+from rlvrx.server.engine import stats as stats_mod
 
 CONFIG = ApiConfig(defaults=settings_mod.Extrapolation(), vocab_size=1000, stats_path="/nonexistent", served_name="toy")
 PRIVATE = {"_rlvrx_temperature": "hot", "_rlvrx_top_p": -1, "_rlvrx_stats_slot": -5, "_rlvrx_stats_file": "/etc/passwd"}

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from server.engine.pair import IGNORED_CONFIG_FIELDS, PairError, check_pair
+from rlvrx.server.engine.pair import IGNORED_CONFIG_FIELDS, PairError, check_pair
 
 # One edit of the base's config.json per field that changes the forward pass.
 REFUSED = {
@@ -114,7 +114,7 @@ def test_each_preset_gets_its_own_models_generation_defaults(generation_server):
 
 
 def test_base_defaults_fill_only_what_a_request_leaves_to_the_model():
-    from server.api.generation import fill_unset
+    from rlvrx.server.api.generation import fill_unset
 
     defaults = {"temperature": 1.0, "top_k": 0, "max_tokens": 512}
     body = {"temperature": None, "top_k": 3}

@@ -1,4 +1,4 @@
-"""kernels.combine against the float64 two-stage reference (kernels.reference)."""
+"""rlvrx.kernels.combine against the float64 two-stage reference (kernels.reference)."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import SELECTION, RowSettings, combine
-from kernels import reference as ref
-from kernels.rule import top_p_log
+from rlvrx.kernels import SELECTION, RowSettings, combine
+from rlvrx.kernels import reference as ref
+from rlvrx.kernels.rule import top_p_log
 
 VOCAB = 97  # not a power of two on purpose
 

@@ -6,8 +6,8 @@ import pytest
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from server.engine import settings
-from server.engine.processor import TEMPERATURE_KEY, TOP_P_KEY, ExtrapolationLogitsProcessor
+from rlvrx.server.engine import settings
+from rlvrx.server.engine.processor import TEMPERATURE_KEY, TOP_P_KEY, ExtrapolationLogitsProcessor
 
 
 def test_parse_fills_defaults_and_reads_infinities():

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from server.toy_pair import build_pair
+from rlvrx.server.toy_pair import build_pair
 from tests.conftest import ROOT, child_env, free_port
 
 
 def serve_fails(rl, base, *extra, only_line=True, in_engine=False, env=None):
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--rl", str(rl), "--base", str(base), *extra],
+    proc = subprocess.run([sys.executable, "-m", "rlvrx.server.cli", "serve", "--rl", str(rl), "--base", str(base), *extra],
                           cwd=ROOT, env=child_env(**(env or {})), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -105,10 +105,10 @@ def test_refuses_pipeline_parallelism(toy_pairs):
 
 
 # `rlvrx serve` with its check of the port skipped: the port is taken after the check, before vLLM binds.
-SKIP_PORT_CHECK = "import sys, server.cli as cli; cli.check_listen_address = lambda args: None; cli.main(sys.argv[1:])"
+SKIP_PORT_CHECK = "import sys, rlvrx.server.cli as cli; cli.check_listen_address = lambda args: None; cli.main(sys.argv[1:])"
 
 
-@pytest.mark.parametrize("command", [["-m", "server.cli"], ["-c", SKIP_PORT_CHECK]], ids=["checked", "race"])
+@pytest.mark.parametrize("command", [["-m", "rlvrx.server.cli"], ["-c", SKIP_PORT_CHECK]], ids=["checked", "race"])
 def test_a_port_in_use_ends_in_one_line_before_the_engine_starts(toy_pairs, command):
     """`make serve` twice: the second one ended in vLLM's traceback (OSError: Address already in use)."""
     base, rl = toy_pairs["qwen2"]

@@ -12,11 +12,11 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate
 
-from server.engine import host_reads, metrics
-from server.engine import processor as processor_mod
-from server.engine import stats
-from server.engine.processor import TEMPERATURE_KEY, TOP_P_KEY, ExtrapolationLogitsProcessor
-from server.engine.step import STEP
+from rlvrx.server.engine import host_reads, metrics
+from rlvrx.server.engine import processor as processor_mod
+from rlvrx.server.engine import stats
+from rlvrx.server.engine.processor import TEMPERATURE_KEY, TOP_P_KEY, ExtrapolationLogitsProcessor
+from rlvrx.server.engine.step import STEP
 
 
 @pytest.fixture

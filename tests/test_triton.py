@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels import rule
-from kernels import triton_combine  # interpreted: tests/conftest.py sets TRITON_INTERPRET=1
+from rlvrx.kernels import reference as ref
+from rlvrx.kernels import rule
+from rlvrx.kernels import triton_combine  # interpreted: tests/conftest.py sets TRITON_INTERPRET=1
 from tests.test_rule import random_pair, to_row_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

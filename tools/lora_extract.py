@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from server.engine.adapter import ATTENTION, CONFIG_FILE, MLP, RL_TENSORS_FILE, STREAM_TENSOR, WEIGHTS_FILE, weight_name
-from server.engine.pair import PairError, check_pair
+from rlvrx.server.engine.adapter import ATTENTION, CONFIG_FILE, MLP, RL_TENSORS_FILE, STREAM_TENSOR, WEIGHTS_FILE, weight_name
+from rlvrx.server.engine.pair import PairError, check_pair
 
 PROJECTIONS = ATTENTION + MLP
 PROJECTION_WEIGHT = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+_proj))\.weight")

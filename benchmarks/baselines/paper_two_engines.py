@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from kernels.rule import top_p_log
+from rlvrx.kernels.rule import top_p_log
 
 TOP = 50
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
-from kernels import RowSettings, combine
+from rlvrx.kernels import RowSettings, combine
 
 
 class BaseModelProcessor(LogitsProcessor):

@@ -14,7 +14,7 @@ from functools import wraps
 
 from starlette._utils import get_route_path
 
-from server.api.errors import error_body, send_json
+from rlvrx.server.api.errors import error_body, send_json
 
 RETRY_AFTER_S = 5
 MESSAGE = "the server is shutting down and accepts no new requests; retry, or send it to another replica"

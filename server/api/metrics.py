@@ -4,7 +4,7 @@ import math
 
 from prometheus_client import Histogram
 
-from server.engine.settings import Extrapolation
+from rlvrx.server.engine.settings import Extrapolation
 
 LABELS = ("model_name", "preset")
 REQUEST_GAMMA = Histogram(

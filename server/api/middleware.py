@@ -44,11 +44,11 @@ from starlette.datastructures import Headers
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from server.api import generation, metrics, openapi
-from server.api.errors import error_body, send_json
-from server.engine import settings as settings_mod
-from server.engine import metrics as engine_metrics
-from server.engine import stats as stats_mod
+from rlvrx.server.api import generation, metrics, openapi
+from rlvrx.server.api.errors import error_body, send_json
+from rlvrx.server.engine import settings as settings_mod
+from rlvrx.server.engine import metrics as engine_metrics
+from rlvrx.server.engine import stats as stats_mod
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 INVOCATIONS = "/invocations"  # SageMaker's: a chat or a completions body, told apart by its fields

@@ -11,7 +11,7 @@ unknown fields, so the two schemas say so (`additionalProperties: false`).
 import math
 from typing import Any
 
-from server.engine import settings as settings_mod
+from rlvrx.server.engine import settings as settings_mod
 
 DESCRIPTIONS = {
     "gamma": "Extrapolation strength γ: an extrapolated token is drawn from (1+γ)·log π_RL − γ·log π_Base.",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from server.engine.pair import PairError
+from rlvrx.server.engine.pair import PairError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

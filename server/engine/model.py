@@ -25,7 +25,7 @@ from vllm.model_executor.model_loader.weight_utils import safetensors_weights_it
 from vllm.model_executor.models.registry import ModelRegistry
 from vllm.model_executor.models.utils import maybe_prefix
 
-from server.engine.step import STEP
+from rlvrx.server.engine.step import STEP
 
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 ARCHITECTURE = "RLVRExtrapolationForCausalLM"
 STACKED_ARCHITECTURE = "RLVRStackedLoraForCausalLM"  # base + LoRA adapter on one backbone
-PROCESSOR = "server.engine.processor:ExtrapolationLogitsProcessor"
+PROCESSOR = "rlvrx.server.engine.processor:ExtrapolationLogitsProcessor"
 # The only config fields in which the two checkpoints may differ. The base backbone is built
 # from the RL model's config (server/engine/model.py), so any other difference (a tied output
 # head, RoPE, a norm's epsilon, a sliding window, quantization, ...) would run the base as a
@@ -89,7 +89,7 @@ def check_supported(architecture: str) -> None:
 
 def check_adapter_pair(adapter_path: str, base_path: str) -> str:
     """Raise PairError unless the LoRA adapter can be served on the base; return the base's architecture."""
-    from server.engine.adapter import check_architecture, has_tokenizer, read_adapter
+    from rlvrx.server.engine.adapter import check_architecture, has_tokenizer, read_adapter
 
     base = read_config(base_path, "base")
     architecture = (base.get("architectures") or ["(none named)"])[0]
@@ -103,7 +103,7 @@ def check_adapter_pair(adapter_path: str, base_path: str) -> str:
 def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:
     """vLLM engine arguments (as `LLM(**kw)` / `AsyncEngineArgs(**kw)`) for the pair: the stacked
     model when `rl_path` is a LoRA adapter directory of the base, else the two-backbone model."""
-    from server.engine.adapter import has_tokenizer, is_adapter_dir
+    from rlvrx.server.engine.adapter import has_tokenizer, is_adapter_dir
 
     processing = {"logits_processors": [PROCESSOR], "logprobs_mode": "processed_logprobs"}
     if is_adapter_dir(rl_path):

@@ -2,16 +2,16 @@
 vLLM's first error there for `rlvrx serve`'s start-up message, and works around a vLLM CPU
 bug (server.engine.cpu_seeded_chunks)."""
 
-from server.engine import cpu_seeded_chunks, startup_error
-from server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
+from rlvrx.server.engine import cpu_seeded_chunks, startup_error
+from rlvrx.server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "server.engine.model:ExtrapolationForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "rlvrx.server.engine.model:ExtrapolationForCausalLM")
     if STACKED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(STACKED_ARCHITECTURE, "server.engine.stacked:StackedLoraForCausalLM")
+        ModelRegistry.register_model(STACKED_ARCHITECTURE, "rlvrx.server.engine.stacked:StackedLoraForCausalLM")
     startup_error.record_in_this_process()
     cpu_seeded_chunks.install()

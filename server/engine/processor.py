@@ -33,12 +33,12 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from kernels import GREEDY_EPS, SELECTION, RowSettings, combine
-from server.engine import metrics
-from server.engine import settings as settings_mod
-from server.engine import stats
-from server.engine.host_reads import HostReads, to_device
-from server.engine.step import STEP
+from rlvrx.kernels import GREEDY_EPS, SELECTION, RowSettings, combine
+from rlvrx.server.engine import metrics
+from rlvrx.server.engine import settings as settings_mod
+from rlvrx.server.engine import stats
+from rlvrx.server.engine.host_reads import HostReads, to_device
+from rlvrx.server.engine.step import STEP
 
 TEMPERATURE_KEY = "_rlvrx_temperature"
 TOP_P_KEY = "_rlvrx_top_p"

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kernels import SELECTION
+from rlvrx.kernels import SELECTION
 
 FIELDS = ("gamma", "tau", "generator", "candidates", "selection")
 PRESETS = ("extrapolate", "rl", "base")

@@ -46,8 +46,8 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.transformers_utils.config import set_default_rope_theta
 
-from server.engine.adapter import Adapter, check_architecture, read_adapter
-from server.engine.step import STEP
+from rlvrx.server.engine.adapter import Adapter, check_architecture, read_adapter
+from rlvrx.server.engine.step import STEP
 
 
 def read_config_adapter(vllm_config: VllmConfig) -> tuple[str, Adapter]:
