@@ -7,7 +7,9 @@ Usage: python tests/engine_runner.py SPEC.json  →  JSON on the last line of st
 SPEC: {"pair": [rl, base]} or {"model": path}, and "batches": a list of lists of
 requests {"prompt_ids": [...], "params": {SamplingParams fields}}; each inner list is
 submitted in one `generate` call. Optional: "eager" (default true; false compiles the
-model), "tensor_parallel_size" (default 1), "env" (variables set before vLLM is imported).
+model), "tensor_parallel_size" (default 1), "max_num_batched_tokens" (a prompt longer than it is
+prefilled in chunks), "env" (variables set before vLLM is imported). A request with
+`prompt_logprobs` gets them in its result, position 0 (which has none) left out.
 """
 
 import json
@@ -24,6 +26,11 @@ def with_int_keys(params: dict) -> dict:
     if params.get("logit_bias"):
         params = {**params, "logit_bias": {int(k): v for k, v in params["logit_bias"].items()}}
     return params
+
+
+def as_json(position: dict) -> dict:
+    """One position's logprobs, {token id (a string): logprob}."""
+    return {str(t): lp.logprob for t, lp in position.items()}
 
 
 def main() -> None:
@@ -45,7 +52,8 @@ def main() -> None:
         kwargs = {"model": spec["model"], "logprobs_mode": "processed_logprobs"}
     llm = LLM(**kwargs, dtype="float32", enforce_eager=spec.get("eager", True), max_model_len=512, seed=0,
               enable_prefix_caching=spec.get("prefix_caching", False),
-              tensor_parallel_size=spec.get("tensor_parallel_size", 1))
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+              max_num_batched_tokens=spec.get("max_num_batched_tokens"))
     results = []
     for batch in spec["batches"]:
         prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in batch]
@@ -55,9 +63,9 @@ def main() -> None:
             [
                 {
                     "token_ids": list(c.token_ids),
-                    "logprobs": [
-                        {str(t): lp.logprob for t, lp in pos.items()} for pos in (c.logprobs or [])
-                    ],
+                    "logprobs": [as_json(pos) for pos in (c.logprobs or [])],
+                    **({"prompt_logprobs": [as_json(pos) for pos in out.prompt_logprobs[1:]]}
+                       if out.prompt_logprobs is not None else {}),
                 }
                 for c in out.outputs
             ]
