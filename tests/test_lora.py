@@ -8,7 +8,7 @@ streams, the selection criteria. `:rl` and extrapolation off equal vLLM serving 
 model alone, `:base` equals vLLM serving the base alone (the same tokens; logprobs within
 1e-4: the stacked model adds s·(x·Aᵀ)·Bᵀ where the merged model multiplies by W + s·B·A, so
 the float32 roundings differ). Compiled and TP 2 runs give what the eager TP 1 run gives, and
-`rlvrx serve` takes the adapter directory as `--rl`.
+score prompts per name as the reference does; `rlvrx serve` takes the adapter directory as `--rl`.
 """
 
 import math
@@ -56,9 +56,10 @@ def runs(lora_pairs, tmp_path_factory) -> dict:
     base, adapter, merged = lora_pairs["qwen2-patterns"]
     out["rl_alone"] = run_engine({"model": str(merged), "batches": [checks.passthrough_batch("rl")]}, tmp)[0]
     out["base_alone"] = run_engine({"model": str(base), "batches": [checks.passthrough_batch("base")]}, tmp)[0]
-    first_two = checks.pair_batches()[:2]  # greedy settings, sampled settings
-    out["compiled"] = run_engine({"pair": [str(adapter), str(base)], "batches": first_two, "eager": False}, tmp)
-    out["tp2"] = run_engine({"pair": [str(adapter), str(base)], "batches": first_two, **TP}, tmp)
+    # greedy settings, sampled settings, prompt logprobs per name
+    batches = [*checks.pair_batches()[:2], checks.scoring_batch()]
+    out["compiled"] = run_engine({"pair": [str(adapter), str(base)], "batches": batches, "eager": False}, tmp)
+    out["tp2"] = run_engine({"pair": [str(adapter), str(base)], "batches": batches, **TP}, tmp)
     return out
 
 
@@ -99,6 +100,7 @@ def test_compiled_and_tensor_parallel_serve_what_eager_tp1_serves(runs, referenc
         assert len(runs[mode][batch]) == len(eager[batch])
         for got, want in zip(runs[mode][batch], eager[batch]):
             checks.check_same_choice(got[0], want[0], PASSTHROUGH_TOL)
+    checks.check_scoring(runs[mode][2], references["qwen2-patterns"])
 
 
 @pytest.fixture(scope="module")
