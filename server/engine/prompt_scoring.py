@@ -16,7 +16,8 @@ one that knows whose rows it is given and scores them as the generation path rep
   temperature 0 — as the processor hands it to the sampler.
 
 As vLLM does for one model, the presets' scores ignore temperature and top-p (the model's own
-distribution), and no row carries the request's masks or logit bias.
+distribution), and no row carries the request's masks or logit bias. Every tensor-parallel rank
+scores the same rows (vLLM gathers the logits on all of them).
 """
 
 import torch
@@ -26,7 +27,9 @@ from rlvrx.server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 from rlvrx.server.engine.processor import ExtrapolationLogitsProcessor, RowState, row_settings
 from rlvrx.server.engine.step import STEP
 
-ROWS_PER_COMBINE = 256  # a prompt chunk's rows go through the rule in slices: its scratch is a few rows × vocabulary
+# The rule's scratch is a few times its rows × vocabulary: a prompt chunk (up to
+# --max-num-batched-tokens rows) goes through it in slices of this many rows.
+ROWS_PER_COMBINE = 256
 
 
 def install() -> None:
