@@ -3,8 +3,9 @@
 the request's settings (−inf where q is 0; the greedy row's log-softmax at temperature 0), as the
 generation path reports a token.
 
-In the engine (two backbones and the stacked LoRA model, eager and compiled), with prompts prefilled
-in chunks and batched with generating requests of other names; through every HTTP route to them
+In the engine (two backbones and the stacked LoRA model, eager; the same batch runs compiled in
+tests/test_compile.py and tests/test_lora.py), with prompts prefilled in chunks and batched with
+generating requests of other names; through every HTTP route to them
 (echo with logprobs, streamed too, `prompt_logprobs` on completions and chat, settings as fields or
 `vllm_xargs`); and through lm-evaluation-harness's `local-completions` model on a small multiple-choice
 task (tests/lm_eval_task/), which scores differently, and as the reference does, through each name.
