@@ -325,11 +325,11 @@ class StackedLoraForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         adapter = read_adapter(self.adapter_path, self.base_config)
-        base_tensors = {}  # the base checkpoint's tensors that the adapter edits for the RL stream
+        edited, base_tensors = adapter.rl.from_base, {}  # the base's tensors the adapter edits for the RL stream
 
         def keeping(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
-                if name in adapter.rl.from_base:
+                if name in edited:
                     base_tensors[name] = tensor
                 yield name, tensor
 
