@@ -11,9 +11,10 @@ relative size of the delta that was kept, truncated or dropped. The RL checkpoin
 served pair is the RL model in those too.
 
 A pair whose config ties the output head to the embedding (tie_word_embeddings) may still store
-an `lm_head.weight`; loaded, the head is the embedding (transformers and vLLM), so the stored copy
-is left out when it equals the embedding and refused when it does not (then transformers would
-load the stored head untied, vLLM the embedding).
+an `lm_head.weight`. Each model's head is then what transformers and vLLM load: the stored one if
+it differs from the embedding (they untie it), else the embedding. A stored copy equal to the
+embedding is left out; an RL head of its own is copied beside the adapter (the stacked model
+otherwise ties the RL stream's head to its embedding).
 
 Memory: both checkpoints' safetensors files (single or sharded) are memory-mapped and read one
 tensor at a time (their pages are the page cache's, not the process's). What the tool allocates
@@ -52,39 +53,44 @@ SAFETENSORS_METADATA = {"format": "pt"}
 
 
 class Checkpoints:
-    """A base/RL pair of safetensors checkpoints with the same tensor names and shapes."""
+    """A base/RL pair of safetensors checkpoints with the same tensor names and shapes.
+
+    Under a tied config only an RL head of its own (one that differs from the RL embedding) is
+    read, as `lm_head.weight`, against the base's head (its own, else its embedding); it is in
+    `copied`, to be copied whether or not it equals the base's."""
 
     def __init__(self, base: str | Path, rl: str | Path):
         check_pair(str(rl), str(base))  # one architecture, config and tokenizer
         self.base, self.rl = open_tensors(Path(base), "base"), open_tensors(Path(rl), "RL")
+        self.stored_as: dict[str, str] = {}  # a base tensor read under another name
+        self.copied: set[str] = set()
         if loaded_config(str(rl), read_config(str(rl), "RL")).get("tie_word_embeddings"):
-            for files, role in ((self.base, "base"), (self.rl, "RL")):
-                drop_tied_head(files, role)
+            self.resolve_tied_heads()
         only = sorted(self.base.keys() ^ self.rl.keys())
         if only:
             side = "base" if only[0] in self.base else "RL"
             raise PairError(f"{only[0]!r} is in the {side} checkpoint only ({len(only)} tensors are in one of the two)")
         for name in self.base:
-            shapes = [tuple(files[name].get_slice(name).get_shape()) for files in (self.base, self.rl)]
+            shapes = [tuple(files[name].get_slice(stored).get_shape())
+                      for files, stored in ((self.base, self.stored_as.get(name, name)), (self.rl, name))]
             if shapes[0] != shapes[1]:
                 raise PairError(f"{name!r} is {shapes[1]} in the RL checkpoint and {shapes[0]} in the base")
         self.names = sorted(self.base)
 
+    def resolve_tied_heads(self) -> None:
+        for files in (self.base, self.rl):
+            if HEAD in files and torch.equal(files[HEAD].get_tensor(HEAD), files[EMBEDDING].get_tensor(EMBEDDING)):
+                del files[HEAD]  # a stored copy of the tied head
+        if HEAD not in self.rl:  # the RL head is its embedding, whatever the base's is
+            self.base.pop(HEAD, None)
+            return
+        self.copied.add(HEAD)
+        if HEAD not in self.base:
+            self.base[HEAD], self.stored_as[HEAD] = self.base[EMBEDDING], EMBEDDING
+
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, RL) copies of one tensor, in their stored dtype."""
-        return self.base[name].get_tensor(name), self.rl[name].get_tensor(name)
-
-
-def drop_tied_head(files: dict[str, object], role: str) -> None:
-    """Leave out a tied checkpoint's stored copy of its embedding as the output head."""
-    if HEAD not in files or EMBEDDING not in files:
-        return
-    if not torch.equal(files[HEAD].get_tensor(HEAD), files[EMBEDDING].get_tensor(EMBEDDING)):
-        raise PairError(f"the {role} checkpoint stores an {HEAD} that differs from its embedding, but its config "
-                        "ties the two (tie_word_embeddings): transformers would load the stored head, vLLM the "
-                        f"embedding; remove {HEAD} from the checkpoint, or set tie_word_embeddings to false in "
-                        "both configs")
-    del files[HEAD]
+        return self.base[name].get_tensor(self.stored_as.get(name, name)), self.rl[name].get_tensor(name)
 
 
 def open_tensors(path: Path, role: str) -> dict[str, object]:
@@ -180,7 +186,7 @@ def extract(base: str | Path, rl: str | Path, rank: int | None, out: str | Path,
                     del a, b  # before the next tensor's SVD
                 groups.setdefault(group_name, Group("LoRA" if rank is None else f"LoRA rank {rank}")).add(*norms, dropped)
             elif not projection and STREAM_TENSOR.fullmatch(name):
-                if not same:
+                if not same or name in pair.copied:
                     rl_tensors.add(name, w_rl)
                 groups.setdefault(group_name, Group("RL copy")).add(*norms, 0.0)
             else:
@@ -218,14 +224,19 @@ def served_rl_model(base: str | Path, adapter_dir: str | Path, dtype: torch.dtyp
     model: the base with the adapter merged by peft and the RL tensors beside it loaded."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     rl_tensors = Path(adapter_dir) / RL_TENSORS_FILE
-    if rl_tensors.is_file():
-        result = model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(rl_tensors)).items()}, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
+    tensors = {k: v.to(dtype) for k, v in load_file(str(rl_tensors)).items()} if rl_tensors.is_file() else {}
+    tied = AutoConfig.from_pretrained(base).tie_word_embeddings
+    head = tensors.pop(HEAD, None) if tied else None
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    if tied:  # the RL head: its own, else its embedding (whatever the base's was)
+        embedding = model.get_input_embeddings().weight
+        model.lm_head.weight = embedding if head is None else torch.nn.Parameter(head)
     return model.eval()
 
 

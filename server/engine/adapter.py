@@ -227,8 +227,7 @@ def read_rl_tensors(path: Path, shapes: BaseShapes, base_config: dict[str, Any])
         return {}
     model_type = base_config.get("model_type")  # the engine's config names the stacked architecture
     absent = {"q_norm": model_type != "qwen3", "k_norm": model_type != "qwen3",
-              "bias": model_type != "qwen2" and not base_config.get("attention_bias"),
-              "lm_head": base_config.get("tie_word_embeddings", False)}
+              "bias": model_type != "qwen2" and not base_config.get("attention_bias")}
     tensors = load_file(str(path / RL_TENSORS_FILE))
     for name, tensor in tensors.items():
         match = STREAM_TENSOR.fullmatch(name)
