@@ -33,7 +33,7 @@ def base_defaults(model_config: ModelConfig) -> dict[str, Any]:
     own, applied = base.get_diff_sampling_param(), model_config.get_diff_sampling_param()
     # max_tokens = the whole window is what vLLM does without a default (it caps it at what is left).
     neutral = SamplingParams(max_tokens=model_config.max_model_len)
-    values = {k: own.get(k, getattr(neutral, k)) for k in own.keys() | applied.keys()}
+    values = {k: own.get(k, getattr(neutral, k)) for k in sorted(own.keys() | applied.keys())}
     return {k: v for k, v in values.items() if v != applied.get(k, getattr(neutral, k))}
 
 
