@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from rlvrx.server.engine.adapter import RL_TENSORS_FILE, read_adapter
 from rlvrx.server.engine.pair import PairError, check_adapter_pair
-from rlvrx.server.toy_pair import build_pair, build_tokenizer
+from rlvrx.server.toy_pair import build_pair, build_tied_pair, build_tokenizer
 from tests.conftest import ROOT, child_env
 from rlvrx.tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract, served_rl_model
 
@@ -210,24 +210,6 @@ def test_served_low_rank_demo_pair_with_tied_embeddings(tmp_path):
             assert next(results)[0]["token_ids"] == checks.reference_greedy(models, prompt, ref_settings(*s)), (s, prompt)
 
 
-def tied_pair(root, heads: dict[str, str]):
-    """A Qwen2 toy pair whose config ties lm_head to the embedding, and whose checkpoints named in
-    `heads` also store an lm_head.weight: "copy", the embedding's values (as some trainers save a
-    tied head), or "own", other values (a tie broken in training: transformers and vLLM then
-    load the stored head, untied)."""
-    base, rl = build_pair(root, seed=7)
-    generator = torch.Generator().manual_seed(8)
-    for path in (base, rl):
-        (path / "config.json").write_text(json.dumps({**config(path), "tie_word_embeddings": True}))
-        tensors = load_file(str(path / "model.safetensors"))
-        embedding = tensors["model.embed_tokens.weight"]
-        tensors["lm_head.weight"] = {"copy": embedding.clone(), "own": embedding + 0.1 * torch.randn(
-            embedding.shape, generator=generator)}.get(heads.get(path.name))
-        save_file({k: v for k, v in tensors.items() if v is not None}, str(path / "model.safetensors"),
-                  metadata={"format": "pt"})
-    return base, rl
-
-
 TIED_HEADS = [{"rl": "copy"}, {"base": "copy", "rl": "copy"}, {"rl": "own"}, {"base": "own"},
               {"base": "own", "rl": "own"}, {"base": "copy", "rl": "own"}]
 
@@ -237,7 +219,7 @@ def test_a_tied_pair_that_stores_lm_head_extracts_as_transformers_loads_it(tmp_p
     """Each model's head is its stored one when that differs from its embedding, else its
     embedding: a stored copy is left out, an RL head of its own is copied beside the adapter, and
     the adapter with the RL copies is the RL model as transformers loads it."""
-    base, rl = tied_pair(tmp_path, heads)
+    base, rl = build_tied_pair(tmp_path, heads)
     extract(base, rl, None, tmp_path / "adapter")
     assert check_adapter_pair(str(tmp_path / "adapter"), str(base)) == "Qwen2ForCausalLM"
     rl_tensors = load_file(str(tmp_path / "adapter" / RL_TENSORS_FILE))
@@ -256,7 +238,7 @@ def test_served_tied_pair_whose_checkpoints_store_lm_head(tmp_path, heads):
     from tests import engine_checks as checks
     from tests.conftest import run_engine
 
-    base, rl = tied_pair(tmp_path, heads)
+    base, rl = build_tied_pair(tmp_path, heads)
     extract(base, rl, 4, tmp_path / "adapter")
     models = served_rl_model(base, tmp_path / "adapter"), float64(base)
     run = run_engine({"pair": [str(tmp_path / "adapter"), str(base)], "batches": checks.pair_batches()[:2]}, tmp_path)
