@@ -83,6 +83,31 @@ def build_pair(out_dir: str | Path, family: str = "qwen2", hidden: int = 64, lay
     return paths[0], paths[1]
 
 
+def build_tied_pair(out_dir: str | Path, heads: dict[str, str], seed: int = 7) -> tuple[Path, Path]:
+    """A Qwen2 pair (as build_pair) whose config ties lm_head to the embedding, and whose checkpoints
+    named in `heads` also store an lm_head.weight: "copy", the embedding's values (as some trainers
+    save a tied head), or "own", other values (a tie broken in training: transformers and vLLM then
+    load the stored head, untied)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    base, rl = build_pair(out_dir, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for path in (base, rl):
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        tensors = load_file(str(path / "model.safetensors"))
+        embedding = tensors["model.embed_tokens.weight"]
+        tensors.pop("lm_head.weight")
+        if heads.get(path.name) == "copy":
+            tensors["lm_head.weight"] = embedding.clone()
+        elif heads.get(path.name) == "own":
+            tensors["lm_head.weight"] = embedding + 0.1 * torch.randn(embedding.shape, generator=generator)
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return base, rl
+
+
 def build_lora_child(base_path: str | Path, out_dir: str | Path, rank: int = 4, alpha: float = 8.0,
                      seed: int = 0, std: float = 0.06, convert: bool = False, safe_serialization: bool = True,
                      **lora_options) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from rlvrx.server.engine.adapter import RL_TENSORS_FILE, read_adapter
 from rlvrx.server.engine.pair import PairError, check_adapter_pair
-from rlvrx.server.toy_pair import build_pair, build_tokenizer
+from rlvrx.server.toy_pair import build_pair, build_tied_pair, build_tokenizer
 from tests.conftest import ROOT, child_env
 from rlvrx.tools.lora_extract import PROJECTION_WEIGHT, energy_report, extract, served_rl_model
 
@@ -208,3 +208,94 @@ def test_served_low_rank_demo_pair_with_tied_embeddings(tmp_path):
     for s in checks.GREEDY_SETTINGS:
         for prompt in prompts:
             assert next(results)[0]["token_ids"] == checks.reference_greedy(models, prompt, ref_settings(*s)), (s, prompt)
+
+
+TIED_HEADS = [{"rl": "copy"}, {"base": "copy", "rl": "copy"}, {"rl": "own"}, {"base": "own"},
+              {"base": "own", "rl": "own"}, {"base": "copy", "rl": "own"}]
+
+
+@pytest.mark.parametrize("heads", TIED_HEADS, ids=lambda h: ",".join(f"{k}-{v}" for k, v in h.items()))
+def test_a_tied_pair_that_stores_lm_head_extracts_as_transformers_loads_it(tmp_path, heads):
+    """Each model's head is its stored one when that differs from its embedding, else its
+    embedding: a stored copy is left out, an RL head of its own is copied beside the adapter, and
+    the adapter with the RL copies is the RL model as transformers loads it."""
+    base, rl = build_tied_pair(tmp_path, heads)
+    extract(base, rl, None, tmp_path / "adapter")
+    assert check_adapter_pair(str(tmp_path / "adapter"), str(base)) == "Qwen2ForCausalLM"
+    rl_tensors = load_file(str(tmp_path / "adapter" / RL_TENSORS_FILE))
+    assert ("lm_head.weight" in rl_tensors) == (heads.get("rl") == "own")
+    with torch.no_grad():
+        got, want = served_rl_model(base, tmp_path / "adapter")(IDS).logits, float64(rl)(IDS).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("heads", [{"base": "own", "rl": "copy"}, {"rl": "own"}],
+                         ids=["base-own,rl-copy", "rl-own"])
+def test_served_tied_pair_whose_checkpoints_store_lm_head(tmp_path, heads):
+    """A base that stores its head (vLLM then unties the engine's config) with an RL model whose head
+    is its embedding, and a tied base with an RL head of its own: the served rank-4 extraction is the
+    float64 reference of both models as transformers loads them."""
+    from tests import engine_checks as checks
+    from tests.conftest import run_engine
+
+    base, rl = build_tied_pair(tmp_path, heads)
+    extract(base, rl, 4, tmp_path / "adapter")
+    models = served_rl_model(base, tmp_path / "adapter"), float64(base)
+    run = run_engine({"pair": [str(tmp_path / "adapter"), str(base)], "batches": checks.pair_batches()[:2]}, tmp_path)
+    checks.check_greedy(run, models)
+    checks.check_sampled(run, models)
+
+
+def test_carries_the_rl_models_generation_config_and_chat_template(toy_pairs, tmp_path):
+    """What vLLM reads as the RL checkpoint's generation config (its file, or without one what it
+    derives from config.json: here an eos token list unlike the base's) is what it reads from the
+    adapter directory; the RL tokenizer's own chat template is there too."""
+    from transformers import AutoTokenizer
+    from vllm.transformers_utils.config import try_get_generation_config
+
+    base, rl = toy_pairs["qwen2"]
+    child = tmp_path / "rl"
+    shutil.copytree(rl, child)
+    (child / "config.json").write_text(json.dumps({**config(child), "eos_token_id": [0, 2]}))
+    tokenizer = AutoTokenizer.from_pretrained(child)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}: {{ m['content'] }}]{% endfor %}"
+    tokenizer.save_pretrained(child)
+    (child / "generation_config.json").unlink()  # save_pretrained's, from the config before the edit
+
+    def read(path) -> dict:
+        return try_get_generation_config(str(path), trust_remote_code=False).to_diff_dict()
+
+    for case, file in (("derived", None), ("file", {"temperature": 0.6, "top_k": 7, "max_new_tokens": 9,
+                                                       "repetition_penalty": 1.2, "eos_token_id": [0, 1]})):
+        if file is not None:
+            (child / "generation_config.json").write_text(json.dumps(file))
+        extract(base, child, 2, tmp_path / case)
+        assert read(tmp_path / case) == read(child) != read(base), case
+        assert AutoTokenizer.from_pretrained(tmp_path / case).chat_template == tokenizer.chat_template
+    assert read(tmp_path / "file")["top_k"] == 7
+
+
+MEMORY_BOUND = 3  # lora-extract's peak allocation, in float64 sizes of the largest tensor (README)
+
+
+def test_peak_memory_is_a_small_multiple_of_the_largest_tensor(tmp_path):
+    """A full-rank extraction of a 12-layer pair (the adapter alone is ~35 float64 sizes of the
+    largest tensor) allocates at most MEMORY_BOUND of them at once, as torch's CPU allocator
+    counts it. safetensors maps each checkpoint file as one storage, which the profiler reports
+    as an allocation of the file's size: those pages are the page cache's, and left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base, rl = build_pair(tmp_path, hidden=128, layers=12, seed=5)
+    largest = max(t.numel() for t in load_file(str(rl / "model.safetensors")).values()) * 8
+    mapped = {(path / "model.safetensors").stat().st_size for path in (base, rl)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        extract(base, rl, None, tmp_path / "adapter")
+    profiler.export_chrome_trace(str(tmp_path / "trace.json"))
+    allocated = peak = 0
+    for event in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]:
+        if event.get("name") == "[memory]" and abs(event["args"]["Bytes"]) not in mapped:
+            allocated += event["args"]["Bytes"]
+            peak = max(peak, allocated)
+    adapter = sum(t.numel() * 8 for t in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).values())
+    assert adapter > 10 * MEMORY_BOUND * largest  # what the tool used to hold
+    assert peak <= MEMORY_BOUND * largest, f"peak {peak} bytes, largest tensor {largest} bytes in float64"

@@ -6,11 +6,23 @@ lora_A = √S_R·V_Rᵀ, scaling 1 (lora_alpha = r). The RL model's other tensor
 model holds per stream (embeddings, lm_head, norms, q/k/v biases) are copied exactly into
 `rlvrx_rl_tensors.safetensors` beside the adapter when they differ from the base; any other
 difference (an untargeted projection, …) is dropped. A table gives, per tensor group, the
-relative size of the delta that was kept, truncated or dropped.
+relative size of the delta that was kept, truncated or dropped. The RL checkpoint's tokenizer
+(chat template included) and generation config are written beside the adapter, so that the
+served pair is the RL model in those too.
+
+A pair whose config ties the output head to the embedding (tie_word_embeddings) may still store
+an `lm_head.weight`. Each model's head is then what transformers and vLLM load: the stored one if
+it differs from the embedding (they untie it), else the embedding. A stored copy equal to the
+embedding is left out; an RL head of its own is copied beside the adapter (the stacked model
+otherwise ties the RL stream's head to its embedding).
 
 Memory: both checkpoints' safetensors files (single or sharded) are memory-mapped and read one
-tensor at a time, so RAM holds one pair of tensors, its SVD, and the adapter and RL copies being
-written.
+tensor at a time (their pages are the page cache's, not the process's). What the tool allocates
+is one projection's float32 delta, its SVD and its A and B at a time; norms are summed in float64
+over chunks of CHUNK elements; the adapter and the RL copies are spooled to disk as they are made
+(tools/safetensors_writer.py). The peak is thus a small multiple of the largest tensor's size
+whatever the rank and the number of layers (tests/test_lora_extract.py measures it: at most
+MEMORY_BOUND × the largest tensor's float64 size).
 
 `--report` writes, instead of an adapter, how much of each projection delta's energy its top-R
 singular values capture (Σ_{i≤R} σ_i² / Σ σ_i²): a table, a JSON file and a PNG.
@@ -18,42 +30,67 @@ singular values capture (Σ_{i≤R} σ_i² / Σ σ_i²): a table, a JSON file an
 
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from rlvrx.server.engine.adapter import ATTENTION, CONFIG_FILE, MLP, RL_TENSORS_FILE, STREAM_TENSOR, WEIGHTS_FILE, weight_name
-from rlvrx.server.engine.pair import PairError, check_pair
+from rlvrx.server.engine.adapter_generation_config import FILE as GENERATION_CONFIG_FILE
+from rlvrx.server.engine.pair import PairError, check_pair, loaded_config, read_config
+from rlvrx.tools.safetensors_writer import SafetensorsWriter
 
 PROJECTIONS = ATTENTION + MLP
 PROJECTION_WEIGHT = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+_proj))\.weight")
 REPORT_RANKS = (1, 4, 16, 64)
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+CHUNK = 1 << 20  # elements of a norm's float64 temporaries
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 class Checkpoints:
-    """A base/RL pair of safetensors checkpoints with the same tensor names and shapes."""
+    """A base/RL pair of safetensors checkpoints with the same tensor names and shapes.
+
+    Under a tied config only an RL head of its own (one that differs from the RL embedding) is
+    read, as `lm_head.weight`, against the base's head (its own, else its embedding); it is in
+    `copied`, to be copied whether or not it equals the base's."""
 
     def __init__(self, base: str | Path, rl: str | Path):
         check_pair(str(rl), str(base))  # one architecture, config and tokenizer
         self.base, self.rl = open_tensors(Path(base), "base"), open_tensors(Path(rl), "RL")
+        self.stored_as: dict[str, str] = {}  # a base tensor read under another name
+        self.copied: set[str] = set()
+        if loaded_config(str(rl), read_config(str(rl), "RL")).get("tie_word_embeddings"):
+            self.resolve_tied_heads()
         only = sorted(self.base.keys() ^ self.rl.keys())
         if only:
             side = "base" if only[0] in self.base else "RL"
             raise PairError(f"{only[0]!r} is in the {side} checkpoint only ({len(only)} tensors are in one of the two)")
         for name in self.base:
-            shapes = [tuple(files[name].get_slice(name).get_shape()) for files in (self.base, self.rl)]
+            shapes = [tuple(files[name].get_slice(stored).get_shape())
+                      for files, stored in ((self.base, self.stored_as.get(name, name)), (self.rl, name))]
             if shapes[0] != shapes[1]:
                 raise PairError(f"{name!r} is {shapes[1]} in the RL checkpoint and {shapes[0]} in the base")
         self.names = sorted(self.base)
 
+    def resolve_tied_heads(self) -> None:
+        for files in (self.base, self.rl):
+            if HEAD in files and torch.equal(files[HEAD].get_tensor(HEAD), files[EMBEDDING].get_tensor(EMBEDDING)):
+                del files[HEAD]  # a stored copy of the tied head
+        if HEAD not in self.rl:  # the RL head is its embedding, whatever the base's is
+            self.base.pop(HEAD, None)
+            return
+        self.copied.add(HEAD)
+        if HEAD not in self.base:
+            self.base[HEAD], self.stored_as[HEAD] = self.base[EMBEDDING], EMBEDDING
+
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, RL) copies of one tensor, in their stored dtype."""
-        return self.base[name].get_tensor(name), self.rl[name].get_tensor(name)
+        return self.base[name].get_tensor(self.stored_as.get(name, name)), self.rl[name].get_tensor(name)
 
 
 def open_tensors(path: Path, role: str) -> dict[str, object]:
@@ -79,10 +116,11 @@ class Group:
     delta: float = 0.0  # ‖ΔW‖²
     dropped: float = 0.0  # ‖the part of ΔW not served‖²
 
-    def add(self, w_base: torch.Tensor, delta: torch.Tensor, dropped: float) -> None:
+    def add(self, base: float, delta: float, dropped: float) -> None:
+        """One tensor's ‖W_base‖², ‖ΔW‖² and ‖dropped part‖²."""
         self.tensors += 1
-        self.base += w_base.double().square().sum().item()
-        self.delta += delta.double().square().sum().item()
+        self.base += base
+        self.delta += delta
         self.dropped += dropped
 
     def row(self, name: str) -> dict:
@@ -91,9 +129,30 @@ class Group:
                 "dropped_over_delta": (self.dropped / self.delta) ** 0.5 if self.delta else 0.0}
 
 
-def truncated_svd(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A [r, in], B [out, r], ‖ΔW − B·A‖²) of the rank-r truncated SVD; rank None = full."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+def squared_norm(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """‖a − b‖² (‖a‖² without b), summed in float64 over chunks of CHUNK elements: no float64
+    copy of a whole tensor is made."""
+    a, b = a.reshape(-1), None if b is None else b.reshape(-1)
+    total = 0.0
+    for start in range(0, a.numel(), CHUNK):
+        x = a[start:start + CHUNK].to(torch.float64, copy=True)
+        if b is not None:
+            x -= b[start:start + CHUNK]
+        total += x.square_().sum().item()
+    return total
+
+
+def difference(w_rl: torch.Tensor, w_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w_rl − w_base in `dtype`, in one allocation (the checkpoints' tensors are not written to)."""
+    delta = w_rl.to(dtype, copy=True)
+    delta -= w_base
+    return delta
+
+
+def truncated_svd(w_rl: torch.Tensor, w_base: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A [r, in], B [out, r], ‖ΔW − B·A‖²) of the rank-r truncated SVD of ΔW = w_rl − w_base
+    (float32); rank None = full."""
+    u, s, vh = torch.linalg.svd(difference(w_rl, w_base, torch.float32), full_matrices=False)
     r = len(s) if rank is None else min(rank, len(s))
     root = s[:r].sqrt()
     return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous(), s[r:].double().square().sum().item()
@@ -106,31 +165,37 @@ def extract(base: str | Path, rl: str | Path, rank: int | None, out: str | Path,
     from transformers import AutoTokenizer
 
     pair, out = Checkpoints(base, rl), Path(out)
-    lora, rl_tensors, ranks, groups = {}, {}, {}, {}
-    for name in tqdm(pair.names, desc="lora-extract", unit="tensor", file=sys.stderr):
-        w_base, w_rl = pair.read(name)
-        delta = w_rl.float() - w_base.float()
-        projection = PROJECTION_WEIGHT.fullmatch(name)
-        group_name = re.sub(r"\.\d+\.", ".N.", name)
-        if projection and projection[2] in targets:
-            group = groups.setdefault(group_name, Group("LoRA" if rank is None else f"LoRA rank {rank}"))
-            if torch.equal(w_base, w_rl):
-                group.add(w_base, delta, 0.0)
-                continue
-            key = projection[1]
-            a, b, dropped = truncated_svd(delta, rank)
-            lora[weight_name(key, "A")], lora[weight_name(key, "B")], ranks[key] = a, b, a.shape[0]
-            group.add(w_base, delta, dropped)
-        elif not projection and STREAM_TENSOR.fullmatch(name):
-            if not torch.equal(w_base, w_rl):
-                rl_tensors[name] = w_rl
-            groups.setdefault(group_name, Group("RL copy")).add(w_base, delta, 0.0)
-        else:
-            groups.setdefault(group_name, Group("dropped")).add(w_base, delta, delta.double().square().sum().item())
-    if not lora:
-        raise PairError(f"no projection of {', '.join(targets)} differs between the checkpoints: nothing to extract")
-
+    ranks, groups = {}, {}
     out.mkdir(parents=True, exist_ok=True)
+    with (SafetensorsWriter(out / WEIGHTS_FILE, SAFETENSORS_METADATA) as lora,
+          SafetensorsWriter(out / RL_TENSORS_FILE, SAFETENSORS_METADATA) as rl_tensors):
+        for name in tqdm(pair.names, desc="lora-extract", unit="tensor", file=sys.stderr):
+            w_base, w_rl = pair.read(name)
+            same = torch.equal(w_base, w_rl)
+            norms = squared_norm(w_base), 0.0 if same else squared_norm(w_rl, w_base)
+            projection = PROJECTION_WEIGHT.fullmatch(name)
+            group_name = re.sub(r"\.\d+\.", ".N.", name)
+            if projection and projection[2] in targets:
+                dropped = 0.0
+                if not same:
+                    key = projection[1]
+                    a, b, dropped = truncated_svd(w_rl, w_base, rank)
+                    lora.add(weight_name(key, "A"), a)
+                    lora.add(weight_name(key, "B"), b)
+                    ranks[key] = a.shape[0]
+                    del a, b  # before the next tensor's SVD
+                groups.setdefault(group_name, Group("LoRA" if rank is None else f"LoRA rank {rank}")).add(*norms, dropped)
+            elif not projection and STREAM_TENSOR.fullmatch(name):
+                if not same or name in pair.copied:
+                    rl_tensors.add(name, w_rl)
+                groups.setdefault(group_name, Group("RL copy")).add(*norms, 0.0)
+            else:
+                groups.setdefault(group_name, Group("dropped")).add(*norms, norms[1])
+        if not ranks:
+            raise PairError(f"no projection of {', '.join(targets)} differs between the checkpoints: nothing to extract")
+        if not rl_tensors.entries:
+            (out / RL_TENSORS_FILE).unlink(missing_ok=True)  # an earlier run's
+
     top = max(ranks.values())
     pattern = {key: r for key, r in ranks.items() if r != top}
     (out / CONFIG_FILE).write_text(json.dumps({
@@ -138,12 +203,20 @@ def extract(base: str | Path, rl: str | Path, rank: int | None, out: str | Path,
         "r": top, "lora_alpha": top, "rank_pattern": pattern, "alpha_pattern": pattern,
         "target_modules": sorted(ranks), "bias": "none", "lora_dropout": 0.0, "inference_mode": True,
     }, indent=2))
-    save_file(lora, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / RL_TENSORS_FILE).unlink(missing_ok=True)
-    if rl_tensors:
-        save_file(rl_tensors, str(out / RL_TENSORS_FILE), metadata={"format": "pt"})
     AutoTokenizer.from_pretrained(str(rl)).save_pretrained(str(out))
+    write_generation_config(Path(rl), out)
     return [group.row(name) for name, group in groups.items()]
+
+
+def write_generation_config(rl: Path, out: Path) -> None:
+    """The RL model's generation config into the adapter directory, where the stacked engine reads
+    it: the checkpoint's file, or, without one, what transformers and vLLM derive from its config."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if (rl / GENERATION_CONFIG_FILE).is_file():
+        shutil.copyfile(rl / GENERATION_CONFIG_FILE, out / GENERATION_CONFIG_FILE)
+    else:
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(rl)).save_pretrained(out)
 
 
 def served_rl_model(base: str | Path, adapter_dir: str | Path, dtype: torch.dtype = torch.float64):
@@ -151,14 +224,19 @@ def served_rl_model(base: str | Path, adapter_dir: str | Path, dtype: torch.dtyp
     model: the base with the adapter merged by peft and the RL tensors beside it loaded."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     rl_tensors = Path(adapter_dir) / RL_TENSORS_FILE
-    if rl_tensors.is_file():
-        result = model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(rl_tensors)).items()}, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
+    tensors = {k: v.to(dtype) for k, v in load_file(str(rl_tensors)).items()} if rl_tensors.is_file() else {}
+    tied = AutoConfig.from_pretrained(base).tie_word_embeddings
+    head = tensors.pop(HEAD, None) if tied else None
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    if tied:  # the RL head: its own, else its embedding (whatever the base's was)
+        embedding = model.get_input_embeddings().weight
+        model.lm_head.weight = embedding if head is None else torch.nn.Parameter(head)
     return model.eval()
 
 
@@ -180,7 +258,7 @@ def energy_report(base: str | Path, rl: str | Path, out: str | Path, ranks: tupl
         if projection is None or projection[2] not in targets:
             continue
         w_base, w_rl = pair.read(name)
-        s2 = torch.linalg.svdvals(w_rl.double() - w_base.double()).square()
+        s2 = torch.linalg.svdvals(difference(w_rl, w_base, torch.float64)).square()
         if s2.sum() > 0:
             energy[projection[1]] = (s2.cumsum(0) / s2.sum()).tolist()
     if not energy:

@@ -10,6 +10,10 @@ to the engine; on /v1/chat/completions/batch, which passes no `vllm_xargs`, it r
 setting but the server's defaults, so that no route silently serves another distribution than
 the one asked for.
 
+On every route that takes a preset it gives `<name>:base` requests the base model's
+generation-config defaults for the sampling fields they leave unset (`server.api.generation`;
+vLLM would apply the RL model's).
+
 On /v1/chat/completions and /v1/completions it also:
 
 * refuses unknown fields (those of OpenAI's documented request are known) and chat roles
@@ -19,8 +23,6 @@ On /v1/chat/completions and /v1/completions it also:
   (`<name>:rl`, `<name>:base`), validates them, merges them over the server's defaults
   and hands them to the engine as `vllm_xargs` — bad values get an OpenAI-format 400
   naming the field, before the engine sees anything;
-* gives `<name>:base` requests the base model's generation-config defaults for the sampling
-  fields they leave unset (`server.api.generation`; vLLM would apply the RL model's);
 * gives the request a slot in the shared statistics table and, when the response
   carries `usage`, adds `extrapolated_tokens` and `extrapolation_rate` to it
   (JSON responses, and the usage chunk of streams with `include_usage`);
@@ -251,6 +253,10 @@ class ExtrapolationMiddleware:
                 field = next((f for f in settings_mod.FIELDS if getattr(found, f) != getattr(config.defaults, f)), "model")
                 raise settings_mod.SettingsError(field, f"'{field}': {path} passes no extrapolation settings to the "
                                                         "engine (only the server's defaults and the plain served name)")
+            if found.passthrough == "base":  # vLLM would apply the RL model's generation config
+                if self.base_sampling is None:
+                    self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
+                generation.fill_unset(payload, path, self.base_sampling)
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
         if path not in ROUTES:
@@ -258,10 +264,6 @@ class ExtrapolationMiddleware:
             if path in SETTINGS_ROUTES:
                 payload["vllm_xargs"] = {**(payload.get("vllm_xargs") or {}), **found.as_xargs()}
             return await self.app(scope, replay(json.dumps(payload).encode(), receive), send)
-        if found.passthrough == "base":  # vLLM would apply the RL model's generation config
-            if self.base_sampling is None:
-                self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
-            generation.fill_unset(payload, path, self.base_sampling)
         labels = (config.served_name, found.label)
         metrics.observe_request(*labels, found)
         if self.stats is None:

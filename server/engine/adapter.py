@@ -344,8 +344,7 @@ class Reader:
         layer = match[2] or match[4]
         model_type = self.base_config.get("model_type")  # the engine's config names the stacked architecture
         missing = {"q_norm": model_type != "qwen3", "k_norm": model_type != "qwen3",
-                   "bias": model_type != "qwen2" and not self.base_config.get("attention_bias"),
-                   "lm_head": self.base_config.get("tie_word_embeddings", False)}
+                   "bias": model_type != "qwen2" and not self.base_config.get("attention_bias")}
         return bool(layer and int(layer) >= self.shapes.layers) or any(missing.get(p) for p in name.split(".")[-2:])
 
     def check_stream_tensor(self, name: str, tensor: torch.Tensor | None, source: str) -> None:

@@ -12,8 +12,14 @@ both. (Compiled per backbone, the two would share one artifact path — vLLM key
 config and the forward's source, not the module prefix — so every start compiled twice and,
 where artifacts load (CUDA), the base would load the graph traced from the RL backbone.
 Inside the wrapper's trace the backbones' own compile decorators step aside.)
+
+Under a config.json that ties the output head to the embedding, a checkpoint that stores an
+lm_head.weight is loaded untied (transformers and vLLM alike, which re-ties it when equal). vLLM
+decides that for the engine's config from the model path, the RL checkpoint; the base backbone
+gets the same config with the tie its own checkpoint calls for.
 """
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
 from vllm.model_executor.models.registry import ModelRegistry
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.transformers_utils.config import checkpoint_has_lm_head
 
 from rlvrx.server.engine.step import STEP
 
@@ -36,6 +43,18 @@ def base_weights(base_path: str) -> Iterable[tuple[str, torch.Tensor]]:
     return safetensors_weights_iterator(files, use_tqdm_on_load=False)
 
 
+def base_backbone_config(vllm_config: VllmConfig, base_path: str) -> VllmConfig:
+    """The engine's config, with the output head tied or not as the base checkpoint is loaded."""
+    model_config = vllm_config.model_config
+    tied = model_config.hf_config.tie_word_embeddings or model_config.word_embeddings_untied_by_checkpoint
+    base_tied = tied and not checkpoint_has_lm_head(base_path)
+    if base_tied == model_config.hf_config.tie_word_embeddings:
+        return vllm_config
+    hf_config = copy.deepcopy(model_config.hf_config)
+    hf_config.tie_word_embeddings = hf_config.get_text_config().tie_word_embeddings = base_tied
+    return vllm_config.with_hf_config(hf_config)
+
+
 @support_torch_compile
 class ExtrapolationForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
@@ -46,7 +65,8 @@ class ExtrapolationForCausalLM(nn.Module):
         )
         self.base_path = hf_config.rlvrx_base_path
         self.rl = inner_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "rl"))
-        self.base = inner_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "base"))
+        self.base = inner_cls(vllm_config=base_backbone_config(vllm_config, self.base_path),
+                              prefix=maybe_prefix(prefix, "base"))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("prompt embeddings are not supported: the two models embed differently")
