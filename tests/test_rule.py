@@ -8,7 +8,7 @@ import torch
 
 from rlvrx.kernels import SELECTION, RowSettings, combine
 from rlvrx.kernels import reference as ref
-from rlvrx.kernels.rule import top_p_log
+from rlvrx.kernels.top_p import top_p_log
 
 VOCAB = 97  # not a power of two on purpose
 
