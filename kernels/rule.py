@@ -52,7 +52,7 @@ import torch
 from rlvrx.kernels.top_p import PARTIAL_WIDTHS, may_hold, top_p_log
 
 GREEDY_EPS = 1e-5  # vLLM's threshold: temperature below this samples greedily
-VOCAB_ROWS = 8  # rows computed on every token at a time: their temporaries stay in the CPU's cache
+VOCAB_ROWS = 4  # rows computed on every token at a time: their temporaries stay in the CPU's cache
 
 
 @dataclass(frozen=True)
