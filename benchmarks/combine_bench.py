@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--sort-only", action="store_true", help="CPU: only the table against a full sort")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the vLLM CPU worker uses 1)")
     parser.add_argument("--baseline", metavar="REV", help="CPU: also time the combine of kernels/ at this git revision")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure, their median taken (default: 10 on GPU, "
+                        "3 on CPU, 5 against a sort)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -249,6 +251,7 @@ def main() -> None:
         shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152)  # SmolLM2-135M's shape
 
+    repeats = args.repeats or repeats
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model_shape": shape,
                "baseline": args.baseline,
                "check": check_kernel(device, vocabs[:1] if args.small else vocabs, 8 if args.small else 32)
@@ -256,7 +259,7 @@ def main() -> None:
     if device == "cpu":
         sort_vocabs, sort_batches = (vocabs, batches) if args.small else ([49152, 151936], [1, 16, 64])
         baseline = load_baseline(args.baseline) if args.baseline else None
-        results["vs_sort"] = against_sort(sort_vocabs, sort_batches, max(repeats, 5), baseline)
+        results["vs_sort"] = against_sort(sort_vocabs, sort_batches, args.repeats or max(repeats, 5), baseline)
     if args.sort_only:
         write_json(results, args.out)
         return
