@@ -165,14 +165,17 @@ def against_sort(vocabs: list[int], batches: list[int], repeats: int, baseline=N
 
 def timed_in_turn(fns: dict, repeats: int) -> dict:
     """Median CPU seconds (`time.process_time`) of each function, run in turn `repeats` times after
-    one warm-up each, so that a slow spell of the machine weighs on all of them alike."""
+    one warm-up each, so that a slow spell of the machine weighs on all of them alike; each turn
+    starts one function further on, so that none always runs after the same one (whose memory
+    the allocator has just handed back)."""
     times = {name: [] for name in fns}
+    names = list(fns)
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for turn in range(repeats):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
             t0 = time.process_time()
-            fn()
+            fns[name]()
             times[name].append(time.process_time() - t0)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
