@@ -27,13 +27,14 @@ which the engine applies to both rows): a token whose RL log-prob is −inf gets
 and e = −inf, so it is never emitted. If no candidate has a finite e, the candidate set
 widens to the whole vocabulary.
 
-Nothing sorts the whole vocabulary unless a row needs it. Where 0 < k < V and the row is
-greedy or has top-p < 1, its support — the candidate set S, on which p_x lives, and the kept
-set of p_g — is a short head of the generator's logits on an LM row: the rule runs on the
-head's tokens only (a partial sort, `topk`, of width max(64, k + 1)), and for the rows whose
-support reaches past it the head grows (512, 4096 tokens, then a full sort). The other rows
-(top-p 1, or S = every token) are computed on every token, their top-p cuts found by the same
-growing partial sorts (`top_p_threshold`). Kept sets, ties included, are exactly those of a
+Nothing sorts the whole vocabulary. Where 0 < k < V and the row is greedy or has top-p < 1,
+its support — the candidate set S, on which p_x lives, and the kept set of p_g — is a short head
+of the generator's logits on an LM row: the rule runs on the head's tokens only (a partial sort,
+`topk`, of width max(64, k + 1)), and for the rows whose support reaches past it the head grows
+(512, then 4096 tokens) while the head's mass says the wider one can hold the kept set of p_g.
+The other rows (top-p 1, S = every token, or a support past the heads: a flat row) are computed
+on every token, their top-p cuts found by the same growing partial sorts or, on a flat row, by a
+search over value buckets (kernels/top_p.py). Kept sets, ties included, are exactly those of a
 full sort.
 
 A row without a distribution — a NaN or +inf logit in either model (an fp16 overflow), or
@@ -48,7 +49,10 @@ from typing import NamedTuple
 
 import torch
 
+from rlvrx.kernels.top_p import PARTIAL_WIDTHS, may_hold, top_p_log
+
 GREEDY_EPS = 1e-5  # vLLM's threshold: temperature below this samples greedily
+VOCAB_ROWS = 4  # rows computed on every token at a time: their temporaries stay in the CPU's cache
 
 
 @dataclass(frozen=True)
@@ -82,48 +86,6 @@ class RowSettings:
 
 _FIELDS = ("gamma", "tau", "use_base", "candidates", "temperature", "top_p")
 SELECTION = {"delta_logp": 0, "entropy": 1, "random": 2}  # codes of RowSettings.selection
-
-
-PARTIAL_WIDTHS = (64, 512, 4096)  # partial sorts tried before a full one: an LM row's top-p head fits the first
-
-
-def top_p_threshold(logp: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where top-p cuts each row: it keeps exactly the tokens with logp ≥ threshold, whose total
-    probability is exp(log_mass). `logp` [N, W] normalised log-probabilities, `top_p` [N];
-    both outputs [N, 1] (threshold −inf and log_mass 0 where top_p ≥ 1).
-
-    A token is kept when the mass of the tokens strictly more probable than it is below top_p,
-    so every token tied with the last one kept is kept too. The cut is read off a partial sort
-    (top-m) of the row once the sorted head reaches past it; m grows through PARTIAL_WIDTHS, and
-    only a row whose kept set is wider than the largest gets a full sort.
-    """
-    rows, width = logp.shape
-    threshold = logp.new_full((rows, 1), float("-inf"))
-    log_mass = logp.new_zeros((rows, 1))
-    pending = (top_p < 1.0).nonzero().squeeze(1)
-    for m in (*PARTIAL_WIDTHS, width):
-        if pending.numel() == 0:
-            break
-        head = logp[pending].topk(min(m, width), dim=-1).values  # m >= width: a full sort
-        p = head.exp()
-        mass_before = p.cumsum(dim=-1) - p
-        num_kept = (mass_before < top_p[pending].unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
-        cut = head.gather(1, num_kept - 1)
-        # Past the cut when the head's last value is below it: no token outside the head is kept.
-        done = (head[:, -1:] < cut).squeeze(1) | (m >= width)
-        threshold[pending[done]] = cut[done]
-        log_mass[pending[done]] = p.masked_fill(head < cut, 0.0).sum(dim=-1, keepdim=True)[done].log()
-        pending = pending[~done]
-    return threshold, log_mass
-
-
-def top_p_log(logp: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Top-p truncation of log-probability rows, renormalised (−inf where cut).
-
-    `logp` [N, W] normalised, `top_p` [N]; see `top_p_threshold` for which tokens are kept.
-    """
-    threshold, log_mass = top_p_threshold(logp, top_p)
-    return (logp - log_mass).masked_fill(logp < threshold, float("-inf"))
 
 
 def log_ratio(rl: torch.Tensor, base: torch.Tensor, lse_rl: torch.Tensor, lse_base: torch.Tensor) -> torch.Tensor:
@@ -179,26 +141,32 @@ def combine(
 
     # A greedy row that keeps its proposal is the generator's row. The others are computed on
     # the generator's head while their support (S and the kept set of p_g) fits in it, the head
-    # growing for the rows it does not hold yet (up to a full sort); a sampled row with top-p 1
-    # or S = every token (k = 0, or fewer finite generator logits than k) is computed on every token.
+    # growing (through PARTIAL_WIDTHS) for the rows it does not hold yet while the head's mass
+    # says the wider one can hold the kept set of p_g; the rest, and a sampled row with top-p 1 or
+    # S = every token (k = 0, or fewer finite generator logits than k), are computed on every token.
     out = torch.full_like(rl, float("-inf"))
     prob = torch.zeros_like(settings.tau)
     todo = ~broken & ~(greedy & ~greedy_flag)
     head_may_fit = (kth.squeeze(1) > float("-inf")) & (greedy | (settings.top_p < 1.0)) | (width == vocab)
     on_head = (todo & head_may_fit).nonzero().squeeze(1)
-    cols = head[on_head]
+    head_logits, cols = head_logits[on_head], head[on_head]
     while on_head.numel():
         values, row_prob, fits = batch.rule_at(on_head, cols)
         done = on_head[fits]
         out[done.unsqueeze(1), cols[fits]] = values[fits]
         prob[done] = row_prob[fits]
         todo[done] = False
-        on_head = on_head[~fits]
-        width = min(vocab, next((w for w in PARTIAL_WIDTHS if w > width), vocab))
-        cols = gen[on_head].topk(width, dim=-1).indices
+        on_head, width = on_head[~fits], next((w for w in PARTIAL_WIDTHS if w > width), None)
+        if width is None or on_head.numel() == 0:
+            break
+        width = min(width, vocab)  # the whole row: a full sort of a short one, which holds any support
+        if width < vocab:
+            head_logp = head_logits[~fits] / temp[on_head] - lse_gen[on_head]
+            on_head = on_head[greedy[on_head] | may_hold(head_logp, width, settings.top_p[on_head])]
+        head_logits, cols = gen[on_head].topk(width, dim=-1)
     on_vocab = todo.nonzero().squeeze(1)
-    if on_vocab.numel():
-        out[on_vocab], prob[on_vocab], _ = batch.rule_at(on_vocab, None)
+    for rows in on_vocab.split(VOCAB_ROWS) if on_vocab.numel() else ():
+        out[rows], prob[rows], _ = batch.rule_at(rows, None)
     proposal_kept = (greedy & ~greedy_flag & ~broken).nonzero().squeeze(1)
     out[proposal_kept] = gen[proposal_kept]
 
@@ -246,9 +214,11 @@ class _Batch:
         has_finite = (in_s & (e > float("-inf"))).any(dim=-1, keepdim=True)  # else S widens to every token
         e = e.masked_fill(~(in_s | ~has_finite), float("-inf"))
 
-        # Sampled rows: q = p_g·1[Δ > τ] + M·p_x, in log space.
-        log_pg = top_p_log(gen / temp - self.lse_gen[rows], s.top_p)
-        log_px = top_p_log((e / temp).log_softmax(dim=-1), s.top_p)
+        # Sampled rows: q = p_g·1[Δ > τ] + M·p_x, in log space (no top-p cut for greedy rows).
+        greedy = (s.temperature < GREEDY_EPS).unsqueeze(1)
+        top_p = s.top_p.masked_fill(greedy.squeeze(1), 1.0)
+        log_pg = top_p_log(gen / temp - self.lse_gen[rows], top_p)
+        log_px = top_p_log((e / temp).log_softmax(dim=-1), top_p)
         if self.flag_prob is None:
             flagged = delta <= tau
             prob = log_pg.exp().masked_fill(~flagged, 0.0).sum(dim=-1).clamp(max=1.0)
@@ -259,7 +229,6 @@ class _Batch:
             prob = (log_pg.exp() * (1.0 - keep_weight)).sum(dim=-1).clamp(max=1.0)
             log_kept = log_pg + keep_weight.log()
         log_q = torch.logaddexp(log_kept, prob.log().unsqueeze(1) + log_px)
-        greedy = (s.temperature < GREEDY_EPS).unsqueeze(1)
         values = torch.where(greedy, e, log_q)
         prob = prob.masked_fill(greedy.squeeze(1), 1.0)  # a greedy row here is flagged
 

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from rlvrx.server.engine import settings as settings_mod
 from rlvrx.server.engine import startup_error
-from rlvrx.server.engine.pair import PairError, engine_kwargs
+from rlvrx.server.engine.pair import PairError, check_serving_flags, engine_kwargs
 
 # Outermost last: a draining server refuses before anything else looks at the request.
 MIDDLEWARE = ("rlvrx.server.api.middleware.ExtrapolationMiddleware", "rlvrx.server.api.drain.DrainMiddleware")
@@ -181,6 +181,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     if args.pipeline_parallel_size > 1:
         fail("--pipeline-parallel-size must be 1: the pair's wrapper model has no pipeline stages "
              "(use --tensor-parallel-size)")
+    try:
+        check_serving_flags(ours.rl, ours.base, prompt_embeds=args.enable_prompt_embeds, quantization=args.quantization)
+    except PairError as exc:
+        fail(str(exc))
     check_listen_address(args)
     for key, value in pair.items():
         setattr(args, key, value)

@@ -109,24 +109,44 @@ def build_tied_pair(out_dir: str | Path, heads: dict[str, str], seed: int = 7) -
 
 
 def build_lora_child(base_path: str | Path, out_dir: str | Path, rank: int = 4, alpha: float = 8.0,
-                     seed: int = 0, std: float = 0.06, **lora_options) -> tuple[Path, Path]:
-    """Write `<out_dir>/adapter` (a PEFT LoRA adapter of the base, every A and B random and
-    nonzero, unlike PEFT's zero-B start) and `<out_dir>/merged` (base + adapter merged by PEFT,
-    with the tokenizer); return (adapter, merged). `lora_options` go to peft's LoraConfig
-    (target_modules defaults to every projection)."""
+                     seed: int = 0, std: float = 0.06, convert: bool = False, safe_serialization: bool = True,
+                     **lora_options) -> tuple[Path, Path]:
+    """Write `<out_dir>/adapter` (a PEFT LoRA adapter of the base, "trained": every LoRA factor random
+    and nonzero, unlike PEFT's zero-B start, every other trainable tensor — modules_to_save copies,
+    trainable tokens, biases — its start plus noise) and `<out_dir>/merged` (the adapter as PEFT loads
+    it onto the base, merged by merge_and_unload, with the tokenizer); return (adapter, merged).
+    `lora_options` go to peft's LoraConfig (target_modules defaults to every projection). With an
+    initialisation that changes the base (PiSSA, OLoRA, ...), `convert` saves the adapter converted
+    to plain LoRA (PEFT's path_initial_model_for_weight_conversion); `safe_serialization=False` saves
+    adapter_model.bin."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     options = {"target_modules": PROJECTIONS, **lora_options}
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                            LoraConfig(r=rank, lora_alpha=alpha, **options))
+    if convert:  # PEFT's recipe: the initial adapter, saved before training as plain LoRA
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(out / "initial")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    model.save_pretrained(out / "adapter")
-    model.merge_and_unload().save_pretrained(out / "merged")
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(out / "merged")
-    return out / "adapter", out / "merged"
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator) * std
+                param.copy_(noise if ".lora_" in name else param + noise)
+    conversion = {"path_initial_model_for_weight_conversion": str(out / "initial")} if convert else {}
+    model.save_pretrained(out / "adapter", safe_serialization=safe_serialization, **conversion)
+    return out / "adapter", merge_adapter(base_path, out / "adapter", out / "merged")
+
+
+def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Load the adapter onto the base as PEFT does, merge it (merge_and_unload) and write the merged
+    checkpoint with the base's tokenizer to `out_dir`; return it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out_dir)
+    return Path(out_dir)

@@ -1,6 +1,8 @@
 """The requests of the vLLM-path tests and the checks of their results against the float64
 transformers reference of ALGORITHM.md and against vLLM serving each model alone. Shared by
-tests/test_engine.py (two backbones) and tests/test_lora.py (one stacked backbone + LoRA).
+tests/test_engine.py (two backbones) and tests/test_lora.py (one stacked backbone + LoRA);
+the prompt-scoring batch and its checks also by tests/test_prompt_scoring.py and
+tests/test_compile.py.
 
 A pair run is `run_engine({"pair": ..., "batches": pair_batches()})`: one result list per
 batch, in the order of `pair_batches`; `models` is the (rl, base) float64 reference pair.
@@ -10,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from rlvrx.kernels import reference as ref
 from tests.conftest import next_logits, ref_settings as settings
@@ -191,3 +194,76 @@ def check_same_choice(got, want, logprob_tol=0.0):
     for got_position, want_position in zip(got["logprobs"], want["logprobs"]):
         assert got_position.keys() == want_position.keys()
         assert all(abs(got_position[t] - want_position[t]) <= logprob_tol for t in got_position)
+
+
+# Prompt scoring (server/engine/prompt_scoring.py): a long prompt (prefilled in chunks where a
+# test asks for it) scored with prompt logprobs under each name, batched with generating requests.
+SCORED_PROMPT = np.random.default_rng(17).integers(3, 380, size=70).tolist()
+SCORED_TOP = 3  # prompt_logprobs: the top tokens reported beside the prompt's own
+NEG = -9999.0  # what vLLM's server writes for a logprob of −inf
+SCORED = {  # kind: (extra_args, temperature, top_p, reference settings; None for a preset)
+    "rl": ({"preset": "rl"}, 0.8, 0.9, None),
+    "base": ({"preset": "base"}, 0.0, 1.0, None),
+    "sampled": (xargs(0.3, -0.3, "base", 20), 0.9, 0.8, settings(0.3, -0.3, "base", 20, 0.9, 0.8)),
+    "everywhere": (xargs(0.5, None, "rl", 0), 1.0, 0.95, settings(0.5, None, "rl", 0, 1.0, 0.95)),
+    "greedy": (xargs(1.0, 0.2, "rl", 5), 0.0, 1.0, settings(1.0, 0.2, "rl", 5)),
+}
+# Generating requests of other names in the same batch: the step's own sampling must be untouched.
+GENERATING = [({"preset": "base"}, settings(0.0, -math.inf, "base", 0)),
+              (xargs(0.1, -0.3, "base", 50), settings(0.1, -0.3, "base", 50))]
+
+
+def scored(kind: str) -> tuple[str, ref.Settings | None]:
+    """The preset and reference settings of a SCORED kind."""
+    extra, _, _, s = SCORED[kind]
+    return extra.get("preset", "extrapolate"), s
+
+
+def scoring_batch() -> list[dict]:
+    generating = [{"prompt_ids": PROMPTS[2], "params": greedy(extra)} for extra, _ in GENERATING]
+    return generating + [{"prompt_ids": SCORED_PROMPT, "params": {
+        "temperature": t, "top_p": p, "max_tokens": 1, "prompt_logprobs": SCORED_TOP, "extra_args": extra}}
+        for extra, t, p, _ in SCORED.values()]
+
+
+def expected_row(a: np.ndarray, b: np.ndarray, preset: str, s: ref.Settings | None) -> np.ndarray:
+    """What the generation path reports for each token at a position of raw logits a (RL), b (base)."""
+    if preset == "rl":
+        return ref.log_softmax(a)
+    if preset == "base":
+        return ref.log_softmax(b)
+    if s.temperature == 0:  # the greedy row: the generator's logits, or e on S where the proposal is flagged
+        delta, gen, e = ref.parts(a, b, s)
+        return ref.log_softmax(e if ref.flag_probability(delta, gen, int(np.argmax(gen)), s) == 1.0 else gen)
+    with np.errstate(divide="ignore"):
+        return np.log(ref.two_stage_distribution(a, b, s))
+
+
+def reference_scores(models, ids: list[int], preset: str, s: ref.Settings | None) -> list[np.ndarray]:
+    """The expected row of every position but the last: row i scores token ids[i + 1]."""
+    with torch.no_grad():
+        rl, base = (m(torch.tensor([ids])).logits[0, :-1].numpy() for m in models)
+    return [expected_row(a, b, preset, s) for a, b in zip(rl, base)]
+
+
+def check_scores(got: list[dict], want: list[np.ndarray], tol: float = 2e-3) -> None:
+    """`got`: {token id: logprob} of each position (−inf or −9999.0 where the reference has −inf);
+    every reported value equals the reference, and the best of them is the reference's best."""
+    assert len(got) == len(want)
+    for position, row in zip(got, want):
+        for token, value in position.items():
+            if row[int(token)] == -math.inf:
+                assert value <= NEG, (token, value)
+            else:
+                assert value == pytest.approx(row[int(token)], abs=tol), token
+        assert max(position.values()) == pytest.approx(row.max(), abs=tol)
+
+
+def check_scoring(results, models) -> None:
+    """A run of `scoring_batch`: the generating requests follow the reference, and each scored
+    prompt has the prompt logprobs of its name."""
+    for (extra, s), result in zip(GENERATING, results):
+        assert result[0]["token_ids"] == reference_greedy(models, PROMPTS[2], s), extra
+        assert "prompt_logprobs" not in result[0]
+    for kind, result in zip(SCORED, results[len(GENERATING):], strict=True):
+        check_scores(result[0]["prompt_logprobs"], reference_scores(models, SCORED_PROMPT, *scored(kind)))

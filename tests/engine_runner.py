@@ -6,8 +6,12 @@ gets its own process so that vLLM's per-process state never leaks between them.
 Usage: python tests/engine_runner.py SPEC.json  →  JSON on the last line of stdout.
 SPEC: {"pair": [rl, base]} or {"model": path}, and "batches": a list of lists of
 requests {"prompt_ids": [...], "params": {SamplingParams fields}}; each inner list is
-submitted in one `generate` call. Optional: "eager" (default true; false compiles the
-model), "tensor_parallel_size" (default 1), "env" (variables set before vLLM is imported).
+submitted in one `generate` call; a request with "prompt_embeds_file" (a torch.save'd
+[n, hidden] tensor) in place of "prompt_ids" gives its prompt as embeddings. Optional: "eager"
+(default true; false compiles the model), "tensor_parallel_size" (default 1),
+"max_num_batched_tokens" (a prompt longer than it is prefilled in chunks), "prompt_embeds"
+(default false: vLLM's enable_prompt_embeds), "env" (variables set before vLLM is imported).
+A request with `prompt_logprobs` gets them in its result, position 0 (which has none) left out.
 """
 
 import json
@@ -26,6 +30,11 @@ def with_int_keys(params: dict) -> dict:
     return params
 
 
+def as_json(position: dict) -> dict:
+    """One position's logprobs, {token id (a string): logprob}."""
+    return {str(t): lp.logprob for t, lp in position.items()}
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     os.environ.update(spec.get("env", {}))
@@ -34,8 +43,9 @@ def main() -> None:
     results_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
 
+    import torch
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm.inputs import EmbedsPrompt, TokensPrompt
 
     from rlvrx.server.engine.pair import engine_kwargs
 
@@ -45,19 +55,22 @@ def main() -> None:
         kwargs = {"model": spec["model"], "logprobs_mode": "processed_logprobs"}
     llm = LLM(**kwargs, dtype="float32", enforce_eager=spec.get("eager", True), max_model_len=512, seed=0,
               enable_prefix_caching=spec.get("prefix_caching", False),
-              tensor_parallel_size=spec.get("tensor_parallel_size", 1))
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+              max_num_batched_tokens=spec.get("max_num_batched_tokens"),
+              enable_prompt_embeds=spec.get("prompt_embeds", False))
     results = []
     for batch in spec["batches"]:
-        prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in batch]
+        prompts = [EmbedsPrompt(prompt_embeds=torch.load(r["prompt_embeds_file"])) if "prompt_embeds_file" in r
+                   else TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in batch]
         params = [SamplingParams(**with_int_keys(r["params"])) for r in batch]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results.append([
             [
                 {
                     "token_ids": list(c.token_ids),
-                    "logprobs": [
-                        {str(t): lp.logprob for t, lp in pos.items()} for pos in (c.logprobs or [])
-                    ],
+                    "logprobs": [as_json(pos) for pos in (c.logprobs or [])],
+                    **({"prompt_logprobs": [as_json(pos) for pos in out.prompt_logprobs[1:]]}
+                       if out.prompt_logprobs is not None else {}),
                 }
                 for c in out.outputs
             ]

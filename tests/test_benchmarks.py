@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 def test_combine_bench_runs_under_the_interpreter(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/combine_bench.py", "--device", "cpu", "--small", "--kernel", "--out", str(out)],
+        [sys.executable, "benchmarks/combine_bench.py", "--device", "cpu", "--small", "--kernel", "--baseline", "HEAD",
+         "--out", str(out)],
         cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -20,8 +21,10 @@ def test_combine_bench_runs_under_the_interpreter(tmp_path):
     assert len(results["rows"]) == 2
     for row in results["rows"]:
         assert row["torch_ms"] > 0 and row["kernel_ms"] > 0 and row["decode_ms"] > 0
-    assert {(r["rows"], r["batch"]) for r in results["vs_sort"]} == {(kind, n) for kind in ("lm", "flat") for n in (1, 4)}
-    assert all(r["combine_ms"] > 0 and r["sort_ms"] > 0 for r in results["vs_sort"])
+    assert sorted((r["rows"], r["sigma"] or 0, r["candidates"], r["batch"]) for r in results["vs_sort"]) == sorted(
+        (kind, sigma or 0, k, n) for kind, sigma in (("lm", None), ("flat", 2.5), ("flat", 1.0)) for k in (50, 0)
+        for n in (1, 4))
+    assert all(r["combine_ms"] > 0 and r["sort_ms"] > 0 and r["baseline_ms"] > 0 for r in results["vs_sort"])
 
 
 def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkeypatch):

@@ -1,5 +1,6 @@
 """The compiled engine (what `make serve` runs: no --enforce-eager) against the float64
-reference, and a second start on the warm compile cache against the first.
+reference (generations, and prompt logprobs per name), and a second start on the warm compile
+cache against the first.
 
 The wrapper model is compiled as one graph with one AOT artifact (server/engine/model.py).
 vLLM 0.32 cannot load AOT artifacts on CPU (its CPU backend's artifact has no
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from rlvrx.kernels import reference as ref
+from tests import engine_checks as checks
 from tests.conftest import next_logits, ref_settings, run_engine
 
 MAX_TOKENS = 8
@@ -44,16 +46,16 @@ def starts(toy_pairs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     base, rl = toy_pairs["qwen2"]
     spec = {"pair": [str(rl), str(base)], "eager": False, "env": {"VLLM_CACHE_ROOT": str(tmp / "vllm-cache")},
-            "batches": [requests()]}
+            "batches": [requests(), checks.scoring_batch()]}
     out = []
     for _ in range(2):
         log = []
-        out.append((run_engine(spec, tmp, log)[0], log[0]))
+        out.append((run_engine(spec, tmp, log), log[0]))
     return out
 
 
 def test_compiled_engine_matches_the_float64_reference(starts, hf_models):
-    results, _ = starts[0]
+    results = starts[0][0][0]
     models = hf_models["qwen2"]
     for i, s in enumerate(r for r in GREEDY for _ in PROMPTS):
         ids = list(PROMPTS[i % len(PROMPTS)])
@@ -68,6 +70,10 @@ def test_compiled_engine_matches_the_float64_reference(starts, hf_models):
             q = ref.two_stage_distribution(a, b, ref_settings(g, tau, gen, k, t, tp))
             assert logprobs[str(token)] == pytest.approx(math.log(q[token]), abs=2e-3)
             ids.append(token)
+
+
+def test_compiled_engine_scores_prompts_per_name(starts, hf_models):
+    checks.check_scoring(starts[0][0][1], hf_models["qwen2"])
 
 
 def test_one_artifact_for_the_pair_and_a_warm_start_serves_the_same(starts):

@@ -1,16 +1,19 @@
 """Usage and metrics count each kept token once: under tensor parallelism (every rank runs
 the processor), with prompts prefilled in chunks (every chunk but the last is sampled and
 thrown away), with requests preempted and recomputed, with stop strings (the engine runs on
-until the API server's abort arrives) and with several choices; and TP 2 serves what TP 1
-serves."""
+until the API server's abort arrives) and with several choices; a chunked prompt echoed with
+its logprobs is scored as the reference scores it (every rank scores it); and TP 2 serves what
+TP 1 serves."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests import engine_checks as checks
+from tests.conftest import ref_settings, start_server, stop_server
 from tests.test_hardening import post
 from tests.test_metrics import moved, scrape
+from tests.test_prompt_scoring import echoed
 
 CHUNK = 32  # --max-num-batched-tokens: the long prompt below takes several steps to prefill
 BLOCKS = 5  # KV-cache blocks (of 128 tokens on CPU): the burst below cannot fit, so requests are preempted
@@ -39,7 +42,7 @@ def complete(url: str, **body) -> dict:
 RESULTS: dict[int, dict] = {}  # per TP size: what the chunked server answered
 
 
-def test_each_kept_token_counts_once(chunked_server):
+def test_each_kept_token_counts_once(chunked_server, hf_models):
     tp, url = chunked_server
     before = scrape(url)
     answers = {}
@@ -55,6 +58,11 @@ def test_each_kept_token_counts_once(chunked_server):
     answers["choices"] = complete(url, prompt=LONG_PROMPT[:40], max_tokens=5, ignore_eos=True, n=3, seed=3,
                                   **{**EVERYWHERE, "temperature": 1.0})
     answers["rl"] = complete(url, prompt=LONG_PROMPT, max_tokens=4, ignore_eos=True, temperature=0, model="toy:rl")
+    # What lm-evaluation-harness sends to score a prompt (here one of four chunks).
+    answers["echo"] = complete(url, prompt=LONG_PROMPT, max_tokens=1, echo=True, logprobs=2,
+                               return_tokens_as_token_ids=True, **EVERYWHERE)
+    want = checks.reference_scores(hf_models["qwen2"], LONG_PROMPT, "extrapolate", ref_settings(0.5, None, "rl", 50))
+    checks.check_scores(echoed(answers["echo"]["choices"][0])[:-1], want)
     # More than the KV cache holds at once: vLLM preempts requests and recomputes them.
     with ThreadPoolExecutor(6) as pool:
         burst = list(pool.map(lambda i: complete(url, prompt=LONG_PROMPT[i:], max_tokens=60, ignore_eos=True,
@@ -67,12 +75,13 @@ def test_each_kept_token_counts_once(chunked_server):
     stopped = answers["stopped"]
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["usage"]["completion_tokens"] < 24
-    for key in ("chunked", "stopped", "choices"):
+    for key in ("chunked", "stopped", "choices", "echo"):
         usage = answers[key]["usage"]
         assert usage["extrapolated_tokens"] == usage["completion_tokens"], key
         assert usage["extrapolation_rate"] == 1.0, key
     assert answers["rl"]["usage"]["extrapolated_tokens"] == 0
-    extrapolated = sum(answers[k]["usage"]["completion_tokens"] for k in ("chunked", "stopped", "choices")) + 24 + 6 * 60
+    extrapolated = sum(answers[k]["usage"]["completion_tokens"] for k in ("chunked", "stopped", "choices", "echo")
+                       ) + 24 + 6 * 60
     label = {"model_name": "toy"}
     assert moved(before, after, "rlvrx:generated_tokens_total", **label, preset="extrapolated") == extrapolated
     assert moved(before, after, "rlvrx:extrapolated_tokens_total", **label, preset="extrapolated") == pytest.approx(
@@ -91,8 +100,10 @@ def test_tensor_parallel_serves_what_one_rank_serves(chunked_server):
     for key in one:
         assert [c["text"] for c in one[key]["choices"]] == [c["text"] for c in two[key]["choices"]], key
         assert one[key]["usage"] == two[key]["usage"], key
-    top_one = one["chunked"]["choices"][0]["logprobs"]["top_logprobs"]
-    top_two = two["chunked"]["choices"][0]["logprobs"]["top_logprobs"]
-    for a, b in zip(top_one, top_two, strict=True):
-        assert a.keys() == b.keys()
-        assert all(abs(a[t] - b[t]) < 1e-4 for t in a)
+    for key in ("chunked", "echo"):
+        top_one = one[key]["choices"][0]["logprobs"]["top_logprobs"]
+        top_two = two[key]["choices"][0]["logprobs"]["top_logprobs"]
+        for a, b in zip(top_one, top_two, strict=True):
+            assert (a is None) == (b is None)
+            assert (a or {}).keys() == (b or {}).keys()
+            assert all(abs(a[t] - b[t]) < 1e-4 for t in a or {})

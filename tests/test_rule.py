@@ -8,7 +8,8 @@ import torch
 
 from rlvrx.kernels import SELECTION, RowSettings, combine
 from rlvrx.kernels import reference as ref
-from rlvrx.kernels.rule import top_p_log
+from rlvrx.kernels import top_p as top_p_module
+from rlvrx.kernels.top_p import PARTIAL_WIDTHS, cut_by_search, top_p_log, top_p_threshold
 
 VOCAB = 97  # not a power of two on purpose
 
@@ -253,9 +254,9 @@ def test_delta_is_the_log_ratio_of_the_two_models():
         np.testing.assert_allclose(delta[i].double().numpy(), expected, atol=1e-5)
 
 
-# The partial sorts behind top-p (kernels.rule.top_p_threshold): kept sets that end inside the
-# first head, past it (the head grows through PARTIAL_WIDTHS) and past the largest (a full sort),
-# ties across every boundary, −inf entries, top-p 1 and tiny.
+# The partial sorts behind top-p (kernels.top_p.top_p_threshold): kept sets that end inside the
+# first head, past it (the head grows through PARTIAL_WIDTHS) and past the largest (the search over
+# value buckets), ties across every boundary, −inf entries, top-p 1 and tiny.
 
 def lm_like(rng, rows, vocab):
     """Logits falling with the log of a token's rank (Zipf-like), shuffled: the top-p head is short."""
@@ -269,9 +270,12 @@ def tied(rng, rows, vocab, levels):
     return rng.integers(0, levels, size=(rows, vocab)).astype(np.float64) * rng.uniform(0.5, 3.0, size=(rows, 1))
 
 
-def check_top_p(logits, top_p):
+def check_top_p(logits, top_p, cut=top_p_threshold):
+    """The kept sets and renormalised probabilities that `cut` (threshold, log mass) gives, against
+    the float64 reference's top_p of the same float32 log-probabilities."""
     logp = torch.tensor(logits, dtype=torch.float32).log_softmax(dim=-1)
-    got = top_p_log(logp, torch.tensor(top_p, dtype=torch.float32)).exp().double().numpy()
+    threshold, log_mass = cut(logp, torch.tensor(top_p, dtype=torch.float32))
+    got = (logp - log_mass).masked_fill(logp < threshold, float("-inf")).exp().double().numpy()
     for i, cutoff in enumerate(top_p):
         expected = ref.top_p(np.exp(logp[i].double().numpy()), cutoff)
         np.testing.assert_array_equal(got[i] > 0, expected > 0, err_msg=f"row {i}, top_p {cutoff}")
@@ -281,12 +285,12 @@ def check_top_p(logits, top_p):
 @pytest.mark.parametrize("seed", range(2))
 def test_top_p_kept_sets_inside_past_and_beyond_the_partial_sorts(seed):
     rng = np.random.default_rng(3000 + seed)
-    vocab = 6000  # above the largest partial width: flat rows need the full sort
+    vocab = 6000  # above the largest partial width: flat rows are searched
     rows = np.concatenate([
         lm_like(rng, 4, vocab),  # kept set inside the first head
         rng.normal(0, 1.0, (2, vocab)),  # a few hundred tokens: the second width
         rng.normal(0, 0.3, (2, vocab)),  # thousands: the third
-        rng.normal(0, 0.01, (2, vocab)),  # nearly uniform: a full sort
+        rng.normal(0, 0.01, (2, vocab)),  # nearly uniform: the search
     ])
     check_top_p(rows, [0.7, 0.9, 0.7, 0.95, 0.5, 0.8, 0.7, 0.95, 0.7, 0.99])
 
@@ -310,17 +314,134 @@ def test_top_p_with_masked_tokens_and_extreme_cutoffs():
     rows[rng.random(rows.shape) < 0.5] = -np.inf
     rows[0, 10:] = -np.inf  # fewer finite tokens than the first head holds
     rows[1, 1:] = -np.inf  # a single token
+    rows[1, 0] = 0.0
     check_top_p(rows, [0.999, 0.7, 1.0, 1e-6, 1.0, 1e-6, 0.999, 0.5])
 
 
-def run_reference_batch(rl, base, settings):
+def rows_keeping(vocab, kept_counts):
+    """Rows of distinct logits and, per row, a top-p that keeps exactly the given number of tokens
+    (midway between the masses of the top kept − 1 and the top kept tokens), the kept tokens
+    scattered over the row."""
+    rng = np.random.default_rng(3500)
+    rows, cutoffs = [], []
+    for kept in kept_counts:
+        row = np.full(vocab, -20.0)
+        row[: kept + 200] = -0.002 * np.arange(kept + 200)
+        row = rng.permutation(row)
+        p = np.sort(np.exp(ref.log_softmax(row)))[::-1]
+        mass = np.cumsum(p)
+        rows.append(row)
+        cutoffs.append((mass[kept - 2] + mass[kept - 1]) / 2)
+    return np.stack(rows), cutoffs
+
+
+def test_top_p_kept_sets_at_each_partial_width_boundary():
+    """A kept set one short of, exactly at and one past each partial width: the head holds it,
+    grows, or (past the largest) the row is searched."""
+    kept = [w + d for w in PARTIAL_WIDTHS for d in (-1, 0, 1)]
+    rows, cutoffs = rows_keeping(6000, kept)
+    logp = torch.tensor(rows, dtype=torch.float32).log_softmax(dim=-1)
+    threshold, _ = top_p_threshold(logp, torch.tensor(cutoffs, dtype=torch.float32))
+    assert (logp >= threshold).sum(dim=-1).tolist() == kept
+    check_top_p(rows, cutoffs)
+
+
+def test_top_p_search_alone_matches_the_reference_on_every_kind_of_row():
+    """cut_by_search on rows the partial sorts would take too: short and long kept sets, ties
+    (groups of equal values share a bucket; the cut falls inside one), all tokens equal, −inf
+    tokens, a single finite token, top-p tiny and near 1."""
+    rng = np.random.default_rng(3600)
+    vocab = 700
+    rows = np.concatenate([
+        lm_like(rng, 3, vocab), rng.normal(0, 1.0, (3, vocab)), rng.normal(0, 0.01, (2, vocab)),
+        tied(rng, 3, vocab, levels=5), np.round(rng.normal(0, 1.0, (3, vocab)) * 8) / 8, np.zeros((2, vocab)),
+        rng.normal(0, 1.0, (3, vocab)),
+    ])
+    rows[-3:][rng.random((3, vocab)) < 0.6] = -np.inf
+    rows[-1, 1:] = -np.inf
+    rows[-1, 0] = 1.0
+    cutoffs = rng.choice([1e-6, 0.05, 0.3, 0.7, 0.95, 0.999], size=len(rows)).tolist()
+    check_top_p(rows, cutoffs, cut=cut_by_search)
+
+
+def test_flat_rows_are_searched_with_no_sort_and_keep_what_a_full_sort_keeps(monkeypatch):
+    """Rows of 49,152 tokens, too wide for the two-stage reference: top-p on them against a full
+    sort in float64 of the same log-probabilities. A flat row (Gaussian σ ≤ 1) gets one partial
+    sort (the first head, 64) and one of its searched bucket, nothing wider, no full sort."""
+    g = torch.Generator().manual_seed(3700)
+    vocab = 49152
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([[1.0], [1.0], [1.0], [0.3], [1.0], [2.5]])
+    logits[4] = (logits[4] * 4).round() / 4  # ties: the cut falls inside a group of equal values
+    cutoffs = torch.tensor([0.7, 0.3, 0.95, 0.7, 0.7, 0.7])
+    logp = logits.log_softmax(dim=-1)
+    real_topk = torch.Tensor.topk
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("a full sort")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    monkeypatch.setattr(torch, "sort", no_sort)
+    for row in range(5):  # the flat ones, one at a time
+        widths = []
+        monkeypatch.setattr(torch.Tensor, "topk", lambda self, k, *a, **kw: widths.append(k) or real_topk(self, k, *a, **kw))
+        top_p_log(logp[row : row + 1], cutoffs[row : row + 1])
+        assert len(widths) == 2 and widths[0] == PARTIAL_WIDTHS[0] and widths[1] < vocab // 8, (row, widths)
+    monkeypatch.undo()
+
+    got = top_p_log(logp, cutoffs)
+    expected = logp.double()
+    values = expected.sort(dim=-1, descending=True).values
+    p = values.exp()
+    keep = (p.cumsum(dim=-1) - p) < cutoffs.double().unsqueeze(1)
+    kept = expected >= values.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+    torch.testing.assert_close(got > float("-inf"), kept, rtol=0, atol=0)
+    mass = expected.exp().masked_fill(~kept, 0.0).sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(got.exp().double(), (expected.exp() / mass).masked_fill(~kept, 0.0), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_flat_rows_through_combine_match_the_reference(seed):
+    """Flat (Gaussian σ = 1) rows wider than every partial sort: the paper setting, k = 0, other
+    temperatures and top-p, greedy rows, tied values and masked tokens, in one batch."""
+    rng = np.random.default_rng(3800 + seed)
+    vocab = 5000
+    base = rng.normal(0, 1.0, (10, vocab))
+    base[6:8] = np.round(base[6:8] * 10) / 10
+    rl = base + rng.normal(0, 0.5, base.shape)
+    banned = rng.random((2, vocab)) < 0.3
+    rl[8:][banned] = base[8:][banned] = -np.inf
+    settings = [ref.Settings(gamma=g, tau=-0.3, generator=gen, candidates=k, temperature=t, top_p=p)
+                for g, gen, k, t, p in [(0.05, "base", 50, 1.0, 0.7), (0.05, "base", 0, 1.0, 0.7),
+                                        (0.1, "rl", 50, 1.5, 0.95), (0.5, "base", 0, 0.7, 0.9),
+                                        (0.05, "base", 50, 0.0, 0.7), (0.05, "rl", 0, 0.0, 0.7),
+                                        (0.05, "base", 50, 1.0, 0.7), (2.0, "rl", 0, 1.0, 0.5),
+                                        (0.05, "base", 50, 1.0, 0.7), (0.05, "base", 0, 1.3, 0.8)]]
+    run_reference_batch(rl, base, settings, exact_support=True)
+
+
+def test_combine_kept_sets_at_each_partial_width_boundary():
+    """The generator's kept set one short of, at and one past each head width of combine's loop
+    (the paper setting, k = 50): held by the head, by a wider one, or computed on every token."""
+    kept = [w + d for w in PARTIAL_WIDTHS for d in (-1, 0, 1)]
+    base, cutoffs = rows_keeping(6000, kept)
+    rl = base + np.random.default_rng(3900).normal(0, 0.5, base.shape)
+    settings = [ref.Settings(gamma=0.05, tau=0.0, generator="base", candidates=50, temperature=1.0, top_p=c)
+                for c in cutoffs]
+    run_reference_batch(rl, base, settings, exact_support=True)
+
+
+def run_reference_batch(rl, base, settings, exact_support=False):
+    """combine against the reference, row by row; `exact_support`: sampled rows also give
+    probability 0 to exactly the tokens the reference does."""
     out, prob = run_combine(rl, base, settings)
     for i, s in enumerate(settings):
         if s.temperature == 0:
             assert int(np.argmax(out[i])) == ref.greedy_token(rl[i], base[i], s), str(s)
         else:
-            np.testing.assert_allclose(np.exp(out[i]), ref.two_stage_distribution(rl[i], base[i], s),
-                                       atol=2e-5, rtol=1e-4, err_msg=str(s))
+            expected = ref.two_stage_distribution(rl[i], base[i], s)
+            np.testing.assert_allclose(np.exp(out[i]), expected, atol=2e-5, rtol=1e-4, err_msg=str(s))
+            if exact_support:
+                np.testing.assert_array_equal(out[i] > -np.inf, expected > 0, err_msg=str(s))
         assert prob[i] == pytest.approx(ref.extrapolation_probability(rl[i], base[i], s), abs=2e-5), str(s)
 
 

@@ -3,7 +3,7 @@
 As ALGORITHM.md describes the authors' implementation: each step asks the RL engine and
 the base engine for one token (`max_tokens=1`) with their top-50 log-probs, pads the
 tokens missing from one list with that list's minimum, applies the τ/γ rule on the host
-(NumPy; temperature and top-p on both stages, top-p by `kernels.rule.top_p_log`), samples,
+(NumPy; temperature and top-p on both stages, top-p by `kernels.top_p.top_p_log`), samples,
 appends the token and repeats. Requests in flight together share each
 `generate` call. Written for the serving benchmark; not used by the server.
 """
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from rlvrx.kernels.rule import top_p_log
+from rlvrx.kernels.top_p import top_p_log
 
 TOP = 50
 

@@ -89,8 +89,9 @@ def check_supported(architecture: str) -> None:
 
 def check_adapter_pair(adapter_path: str, base_path: str) -> str:
     """Raise PairError unless the LoRA adapter can be served on the base; return the base's architecture."""
-    from rlvrx.server.engine.adapter import check_architecture, has_tokenizer, read_adapter
+    from rlvrx.server.engine.adapter import check_architecture, check_unquantized, has_tokenizer, read_adapter
 
+    check_unquantized(base_path)
     base = read_config(base_path, "base")
     architecture = (base.get("architectures") or ["(none named)"])[0]
     check_architecture(architecture)
@@ -98,6 +99,25 @@ def check_adapter_pair(adapter_path: str, base_path: str) -> str:
     if has_tokenizer(adapter_path) and tokenizer_vocab(adapter_path, "RL") != tokenizer_vocab(base_path, "base"):
         raise PairError(f"the adapter's tokenizer in {adapter_path!r} differs from the base model's")
     return architecture
+
+
+def check_serving_flags(rl_path: str, base_path: str, *, prompt_embeds: bool, quantization: str | None) -> None:
+    """Raise PairError for vLLM flags under which the engine would serve the pair as models it is not:
+    embeddings given by the caller where the two models embed differently (with prompt embeddings on,
+    vLLM embeds every prompt with the base's embedding layer), and quantizing the stacked model, whose
+    layers stay unquantized."""
+    from rlvrx.server.engine.adapter import check_prompt_embeds, is_adapter_dir, read_adapter
+
+    if not is_adapter_dir(rl_path):
+        if prompt_embeds:
+            raise PairError("--enable-prompt-embeds: the two models embed token ids differently, so embeddings "
+                            "given by the caller cannot stand for both; serve without it")
+        return
+    if quantization:
+        raise PairError(f"--quantization {quantization}: the stacked LoRA model is served unquantized; serve "
+                        "without it, or merge the adapter (peft's merge_and_unload) and pass that as --rl")
+    if prompt_embeds:
+        check_prompt_embeds(read_adapter(rl_path, read_config(base_path, "base")), rl_path)
 
 
 def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """vLLM general plugin: registers the wrapper architectures in every vLLM process, records
-vLLM's first error there for `rlvrx serve`'s start-up message, reads the RL model's generation
-config from a stacked engine's adapter (server.engine.adapter_generation_config), and works
-around a vLLM CPU bug (server.engine.cpu_seeded_chunks)."""
+vLLM's first error there for `rlvrx serve`'s start-up message, scores prompts per served name
+(server.engine.prompt_scoring), reads the RL model's generation config from a stacked engine's
+adapter (server.engine.adapter_generation_config), and works around a vLLM CPU bug
+(server.engine.cpu_seeded_chunks)."""
 
-from rlvrx.server.engine import adapter_generation_config, cpu_seeded_chunks, startup_error
+from rlvrx.server.engine import adapter_generation_config, cpu_seeded_chunks, prompt_scoring, startup_error
 from rlvrx.server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
@@ -16,4 +17,5 @@ def register() -> None:
         ModelRegistry.register_model(STACKED_ARCHITECTURE, "rlvrx.server.engine.stacked:StackedLoraForCausalLM")
     startup_error.record_in_this_process()
     cpu_seeded_chunks.install()
+    prompt_scoring.install()
     adapter_generation_config.install()

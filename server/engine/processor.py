@@ -92,6 +92,21 @@ def read_settings(params: SamplingParams, defaults: settings_mod.Extrapolation =
         raise VLLMValidationError(str(exc), parameter=exc.field, value=(params.extra_args or {}).get(exc.field)) from None
 
 
+def row_settings(states: list[RowState], device: torch.device) -> RowSettings:
+    """`kernels.combine`'s settings for rows of these states, in this order."""
+    as_tensor = lambda values, dtype: to_device(values, dtype, device)  # noqa: E731
+    selection = [SELECTION[r.settings.selection] for r in states]
+    return RowSettings(
+        gamma=as_tensor([r.settings.gamma for r in states], torch.float32),
+        tau=as_tensor([r.settings.tau for r in states], torch.float32),
+        use_base=as_tensor([r.settings.generator == "base" for r in states], torch.bool),
+        candidates=as_tensor([r.settings.candidates for r in states], torch.int64),
+        temperature=as_tensor([r.temperature for r in states], torch.float32),
+        top_p=as_tensor([r.top_p for r in states], torch.float32),
+        selection=as_tensor(selection, torch.int64) if any(selection) else None,  # None: the fused kernel's path
+    )
+
+
 def check_private(args: dict) -> None:
     """Private keys pass only with this server's admission token and well-formed values: a
     client that sends one (on any route) gets a 400, never an engine that fails on it."""
@@ -185,22 +200,11 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         rows = [i for i in range(num_rows) if i in self.rows]
         states = [self.rows[i] for i in rows]
         position = {row: pos for pos, row in enumerate(ext)}
-        as_tensor = lambda values, dtype: to_device(values, dtype, self.device)  # noqa: E731
-        selection = [SELECTION[r.settings.selection] for r in ext_states]
-        row_settings = RowSettings(
-            gamma=as_tensor([r.settings.gamma for r in ext_states], torch.float32),
-            tau=as_tensor([r.settings.tau for r in ext_states], torch.float32),
-            use_base=as_tensor([r.settings.generator == "base" for r in ext_states], torch.bool),
-            candidates=as_tensor([r.settings.candidates for r in ext_states], torch.int64),
-            temperature=as_tensor([r.temperature for r in ext_states], torch.float32),
-            top_p=as_tensor([r.top_p for r in ext_states], torch.float32),
-            selection=as_tensor(selection, torch.int64) if any(selection) else None,  # None: the fused kernel's path
-        ) if ext else None
         return BatchPlan(
-            ext_rows=as_tensor(ext, torch.int64) if ext else None,
+            ext_rows=to_device(ext, torch.int64, self.device) if ext else None,
             ext_all=ext == list(range(num_rows)),
-            base_rows=as_tensor(base, torch.int64) if base else None,
-            settings=row_settings,
+            base_rows=to_device(base, torch.int64, self.device) if base else None,
+            settings=row_settings(ext_states, self.device) if ext else None,
             states=states,
             ext_states=ext_states,
             ext_position=[position.get(i) for i in rows],

@@ -14,8 +14,10 @@ path; the adapter comes from `rlvrx_adapter_path` in the config (set through `hf
 `server.engine.step.STEP`, as the two-backbone model (server.engine.model) does.
 
 Tensors that cannot be LoRA deltas (embeddings, lm_head, norms, q/k/v biases) are per stream
-when the adapter carries the RL model's own copy (`rlvrx lora-extract` writes them): the copy of
-module `X` is `X_rl`, applied to the RL rows only, and the q/k/v biases are added per stream.
+when the adapter changes them (server/engine/rl_stream.py: PEFT's modules_to_save, LoRA on
+embed_tokens or lm_head, trainable tokens, `rlvrx lora-extract`'s copies): the copy of module `X`
+is `X_rl`, applied to the RL rows only, and the q/k/v biases are added per stream. A copy that edits
+the base's tensor is made as vLLM loads that tensor.
 
 Tensor parallelism shards the adapter as vLLM's LoRA layers do: column-parallel layers (qkv,
 gate_up) keep A whole and take their own output rows of B; row-parallel layers (o, down) take
@@ -46,7 +48,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.transformers_utils.config import set_default_rope_theta
 
-from rlvrx.server.engine.adapter import Adapter, check_architecture, read_adapter
+from rlvrx.server.engine.adapter import Adapter, check_architecture, check_prompt_embeds, read_adapter
 from rlvrx.server.engine.step import STEP
 
 
@@ -54,7 +56,10 @@ def read_config_adapter(vllm_config: VllmConfig) -> tuple[str, Adapter]:
     """The base's decoder family and the adapter named in the engine's config."""
     config = vllm_config.model_config.hf_config
     family = check_architecture(config.rlvrx_inner_architecture)
-    return family, read_adapter(config.rlvrx_adapter_path, config.to_dict())
+    adapter = read_adapter(config.rlvrx_adapter_path, config.to_dict())
+    if vllm_config.model_config.enable_prompt_embeds:
+        check_prompt_embeds(adapter, config.rlvrx_adapter_path)
+    return family, adapter
 
 
 def side_by_side(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +85,7 @@ def per_stream(shared: nn.Module, rl: nn.Module | None, *rows: torch.Tensor):
 
 def rl_norm(adapter: Adapter, name: str, size: int, eps: float) -> RMSNorm | None:
     """The RL stream's own copy of the norm whose weight is `name`, if the adapter carries it."""
-    return RMSNorm(size, eps=eps) if f"{name}.weight" in adapter.rl_tensors else None
+    return RMSNorm(size, eps=eps) if f"{name}.weight" in adapter.rl.names else None
 
 
 def output_shards(linear: QKVParallelLinear | MergedColumnParallelLinear) -> list[slice]:
@@ -148,7 +153,7 @@ class StackedAttention(nn.Module):
         qkv_bias = family == "qwen2" or getattr(config, "attention_bias", False)
         o_bias = family == "llama" and getattr(config, "attention_bias", False)
         self.rl_biases = {name: f"model.layers.{layer}.self_attn.{name}.bias" for name in ("q_proj", "k_proj", "v_proj")}
-        rl_bias = any(name in adapter.rl_tensors for name in self.rl_biases.values())
+        rl_bias = any(name in adapter.rl.names for name in self.rl_biases.values())
         # With an RL copy of a q/k/v bias the layer leaves the bias to us: each stream adds its own.
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=qkv_bias,
                                           skip_bias_add=rl_bias, prefix=f"{prefix}.qkv_proj")
@@ -180,13 +185,13 @@ class StackedAttention(nn.Module):
         return norm(x.reshape(*x.shape[:-1], -1, self.head_dim)).reshape(x.shape)
 
     @torch.no_grad()
-    def load_rl_biases(self, adapter: Adapter) -> None:
-        """This rank's [q | k | v] bias of the RL stream: the RL copies where the adapter has them, else the base's."""
+    def load_rl_biases(self, rl_tensors: dict[str, torch.Tensor]) -> None:
+        """This rank's [q | k | v] bias of the RL stream: the RL copies where there are some, else the base's."""
         self.qkv_bias_rl.copy_(self.qkv_proj.bias)
         parts = self.qkv_bias_rl.split([self.q_size, self.kv_size, self.kv_size])
         for part, name, shard in zip(parts, self.rl_biases.values(), output_shards(self.qkv_proj)):
-            if name in adapter.rl_tensors:
-                part.copy_(adapter.rl_tensors[name][shard])
+            if name in rl_tensors:
+                part.copy_(rl_tensors[name][shard])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv, bias = self.qkv_proj(hidden)
@@ -258,8 +263,8 @@ class StackedModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.embed_tokens_rl = (VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                        prefix=f"{prefix}.embed_tokens_rl")
-                                if "model.embed_tokens.weight" in adapter.rl_tensors else None)
-        self.lm_head_is_rl = "lm_head.weight" in adapter.rl_tensors
+                                if adapter.own_embeddings else None)
+        self.lm_head_is_rl = "lm_head.weight" in adapter.rl.names
         self.layers = nn.ModuleList(
             StackedDecoderLayer(vllm_config, family, adapter, i, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
@@ -325,17 +330,26 @@ class StackedLoraForCausalLM(nn.Module):
         return rl_logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=LlamaForCausalLM.hf_to_vllm_mapper)
         adapter = read_adapter(self.adapter_path, self.base_config)
+        edited, base_tensors = adapter.rl.from_base, {}  # the base's tensors the adapter edits for the RL stream
+
+        def keeping(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if name in edited:
+                    base_tensors[name] = tensor
+                yield name, tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(keeping(weights), mapper=LlamaForCausalLM.hf_to_vllm_mapper)
+        rl_tensors = adapter.rl.materialize(base_tensors)
         for name, module in self.named_modules():
             if isinstance(module, LoraDelta):
                 module.load(adapter)
                 loaded |= {f"{name}.a", f"{name}.b"}
             elif isinstance(module, StackedAttention) and module.qkv_bias_rl is not None:
-                module.load_rl_biases(adapter)
+                module.load_rl_biases(rl_tensors)
                 loaded.add(f"{name}.qkv_bias_rl")
         params = dict(self.named_parameters())
-        for name, tensor in adapter.rl_tensors.items():
+        for name, tensor in rl_tensors.items():
             module, kind = name.rsplit(".", 1)
             if kind == "weight":  # the copy of module X is X_rl (q/k/v biases went above)
                 param = params[f"{module}_rl.{kind}"]
