@@ -13,16 +13,18 @@ served pair is the RL model in those too.
 A pair whose config ties the output head to the embedding (tie_word_embeddings) may still store
 an `lm_head.weight`. Each model's head is then what transformers and vLLM load: the stored one if
 it differs from the embedding (they untie it), else the embedding. A stored copy equal to the
-embedding is left out; an RL head of its own is copied beside the adapter (the stacked model
-otherwise ties the RL stream's head to its embedding).
+embedding is left out. When either model has a head of its own, the RL model's head (its own, or
+its embedding) is compared with the base's and copied beside the adapter where the stacked model
+would not otherwise give the RL stream that head (it gives it the RL embedding's copy, else the
+base's head).
 
 Memory: both checkpoints' safetensors files (single or sharded) are memory-mapped and read one
 tensor at a time (their pages are the page cache's, not the process's). What the tool allocates
 is one projection's float32 delta, its SVD and its A and B at a time; norms are summed in float64
 over chunks of CHUNK elements; the adapter and the RL copies are spooled to disk as they are made
 (tools/safetensors_writer.py). The peak is thus a small multiple of the largest tensor's size
-whatever the rank and the number of layers (tests/test_lora_extract.py measures it: at most
-MEMORY_BOUND × the largest tensor's float64 size).
+whatever the rank and the number of layers (tests/test_lora_extract.py measures it: at most 3×
+the largest tensor's float64 size).
 
 `--report` writes, instead of an adapter, how much of each projection delta's energy its top-R
 singular values capture (Σ_{i≤R} σ_i² / Σ σ_i²): a table, a JSON file and a PNG.
@@ -55,14 +57,13 @@ SAFETENSORS_METADATA = {"format": "pt"}
 class Checkpoints:
     """A base/RL pair of safetensors checkpoints with the same tensor names and shapes.
 
-    Under a tied config only an RL head of its own (one that differs from the RL embedding) is
-    read, as `lm_head.weight`, against the base's head (its own, else its embedding); it is in
-    `copied`, to be copied whether or not it equals the base's."""
+    Under a tied config `lm_head.weight` is read only when either model has a head of its own
+    (one that differs from its embedding), each side's head being its own or its embedding; an
+    RL head of its own is in `copied`, to be copied whether or not it equals the base's."""
 
     def __init__(self, base: str | Path, rl: str | Path):
         check_pair(str(rl), str(base))  # one architecture, config and tokenizer
         self.base, self.rl = open_tensors(Path(base), "base"), open_tensors(Path(rl), "RL")
-        self.stored_as: dict[str, str] = {}  # a base tensor read under another name
         self.copied: set[str] = set()
         if loaded_config(str(rl), read_config(str(rl), "RL")).get("tie_word_embeddings"):
             self.resolve_tied_heads()
@@ -71,8 +72,7 @@ class Checkpoints:
             side = "base" if only[0] in self.base else "RL"
             raise PairError(f"{only[0]!r} is in the {side} checkpoint only ({len(only)} tensors are in one of the two)")
         for name in self.base:
-            shapes = [tuple(files[name].get_slice(stored).get_shape())
-                      for files, stored in ((self.base, self.stored_as.get(name, name)), (self.rl, name))]
+            shapes = [tuple(files[name].get_slice(name).get_shape()) for files in (self.base, self.rl)]
             if shapes[0] != shapes[1]:
                 raise PairError(f"{name!r} is {shapes[1]} in the RL checkpoint and {shapes[0]} in the base")
         self.names = sorted(self.base)
@@ -81,16 +81,28 @@ class Checkpoints:
         for files in (self.base, self.rl):
             if HEAD in files and torch.equal(files[HEAD].get_tensor(HEAD), files[EMBEDDING].get_tensor(EMBEDDING)):
                 del files[HEAD]  # a stored copy of the tied head
-        if HEAD not in self.rl:  # the RL head is its embedding, whatever the base's is
-            self.base.pop(HEAD, None)
-            return
-        self.copied.add(HEAD)
-        if HEAD not in self.base:
-            self.base[HEAD], self.stored_as[HEAD] = self.base[EMBEDDING], EMBEDDING
+        if HEAD in self.rl:
+            self.copied.add(HEAD)  # else the stacked model would give the RL stream its embedding
+        if HEAD in self.rl or HEAD in self.base:
+            for files in (self.base, self.rl):
+                files.setdefault(HEAD, Renamed(files[EMBEDDING], EMBEDDING))
 
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, RL) copies of one tensor, in their stored dtype."""
-        return self.base[name].get_tensor(self.stored_as.get(name, name)), self.rl[name].get_tensor(name)
+        return self.base[name].get_tensor(name), self.rl[name].get_tensor(name)
+
+
+class Renamed:
+    """One tensor of an open safetensors file, read under another name."""
+
+    def __init__(self, file, name: str):
+        self.file, self.name = file, name
+
+    def get_tensor(self, _name: str) -> torch.Tensor:
+        return self.file.get_tensor(self.name)
+
+    def get_slice(self, _name: str):
+        return self.file.get_slice(self.name)
 
 
 def open_tensors(path: Path, role: str) -> dict[str, object]:
@@ -230,13 +242,15 @@ def served_rl_model(base: str | Path, adapter_dir: str | Path, dtype: torch.dtyp
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     rl_tensors = Path(adapter_dir) / RL_TENSORS_FILE
     tensors = {k: v.to(dtype) for k, v in load_file(str(rl_tensors)).items()} if rl_tensors.is_file() else {}
-    tied = AutoConfig.from_pretrained(base).tie_word_embeddings
-    head = tensors.pop(HEAD, None) if tied else None
+    head = tensors.pop(HEAD, None)
     result = model.load_state_dict(tensors, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    if tied:  # the RL head: its own, else its embedding (whatever the base's was)
-        embedding = model.get_input_embeddings().weight
-        model.lm_head.weight = embedding if head is None else torch.nn.Parameter(head)
+    # The RL head as the stacked model holds it: its own; else, under a tied config, its embedding's
+    # copy; else the base's.
+    if head is not None:  # untied from the embedding if transformers had tied them
+        model.lm_head.weight = torch.nn.Parameter(head)
+    elif EMBEDDING in tensors and AutoConfig.from_pretrained(base).tie_word_embeddings:
+        model.lm_head.weight = model.get_input_embeddings().weight
     return model.eval()
 
 

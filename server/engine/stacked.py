@@ -296,16 +296,15 @@ class StackedLoraForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        # Each stream's output head as transformers and vLLM load its checkpoint: its own lm_head
-        # if it has one, else, when config.json ties them, its embedding. (vLLM unties the config
-        # when the base checkpoint stores an lm_head; the RL stream's tie still holds.)
-        untied_base = vllm_config.model_config.word_embeddings_untied_by_checkpoint
+        # The RL stream's head: its own; else, under a tied config.json, its own embedding (vLLM
+        # unties the engine's config when the base checkpoint stores an lm_head: the RL model's tie
+        # still holds); else the base's, as PEFT's merge keeps it.
+        tied = config.tie_word_embeddings or vllm_config.model_config.word_embeddings_untied_by_checkpoint
         if self.model.lm_head_is_rl:
             self.lm_head_rl = ParallelLMHead(config.vocab_size, config.hidden_size,
                                              prefix=maybe_prefix(prefix, "lm_head_rl"))
-        elif config.tie_word_embeddings or untied_base:
-            self.lm_head_rl = (self.model.embed_tokens_rl if self.model.embed_tokens_rl is not None
-                               else self.model.embed_tokens if untied_base else None)
+        elif tied and self.model.embed_tokens_rl is not None:
+            self.lm_head_rl = self.model.embed_tokens_rl
         else:
             self.lm_head_rl = None  # the base's head serves both streams
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
