@@ -1,8 +1,9 @@
 """vLLM general plugin: registers the wrapper architectures in every vLLM process, records
-vLLM's first error there for `rlvrx serve`'s start-up message, and works around a vLLM CPU
-bug (server.engine.cpu_seeded_chunks)."""
+vLLM's first error there for `rlvrx serve`'s start-up message, works around a vLLM CPU
+bug (server.engine.cpu_seeded_chunks), and makes the engine core and the workers drain under a
+signal to the whole process group (server.engine.signals)."""
 
-from rlvrx.server.engine import cpu_seeded_chunks, startup_error
+from rlvrx.server.engine import cpu_seeded_chunks, signals, startup_error
 from rlvrx.server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
@@ -15,3 +16,4 @@ def register() -> None:
         ModelRegistry.register_model(STACKED_ARCHITECTURE, "rlvrx.server.engine.stacked:StackedLoraForCausalLM")
     startup_error.record_in_this_process()
     cpu_seeded_chunks.install()
+    signals.install()
