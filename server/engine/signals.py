@@ -43,6 +43,11 @@ def first_only(handler: Callable) -> Callable:
     return once
 
 
+def ignore(signum, frame) -> None:
+    """A worker's SIGTERM or SIGINT: nothing. (A handler rather than SIG_IGN, which the processes
+    a worker starts, compilers among them, would inherit.)"""
+
+
 def install() -> None:
     """Adjust vLLM's handlers where this process has them (called in every vLLM process, on the
     thread that loads the plugins: the main thread in the engine core and in the workers)."""
@@ -51,4 +56,4 @@ def install() -> None:
         if name == ENGINE_CORE_HANDLER:
             signal.signal(sig, first_only(signal.getsignal(sig)))
         elif name == WORKER_HANDLER:
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, ignore)
