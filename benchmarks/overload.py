@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +27,14 @@ MIXES = [
 ]
 
 
-def stream_completion(url: str, payload: dict, timeout: float = 600) -> dict:
-    """A streamed completion; returns {"text", "tokens", "finish_reason", "done", "times"}, where
-    `times` are the seconds from sending to each chunk that carried text."""
+def stream_completion(url: str, payload: dict, timeout: float = 600, started: threading.Event | None = None) -> dict:
+    """A streamed completion; returns {"text", "tokens", "finish_reason", "done", "times", "error"}, where
+    `times` are the seconds from sending to each chunk that carried text and `error` is the message of an
+    error event in the stream (or None). `started`, when given, is set at the first chunk with text."""
     request = urllib.request.Request(url + "/v1/completions", headers={"content-type": "application/json"},
                                      data=json.dumps({**payload, "stream": True,
                                                       "stream_options": {"include_usage": True}}).encode())
-    text, finish, tokens, done, times = "", None, None, False, []
+    text, finish, tokens, done, times, error = "", None, None, False, [], None
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
@@ -41,14 +43,17 @@ def stream_completion(url: str, payload: dict, timeout: float = 600) -> dict:
                 done = True
             elif line.startswith(b"data: {"):
                 event = json.loads(line[6:])
+                error = (event.get("error") or {}).get("message", error)
                 for choice in event.get("choices") or []:
                     if choice.get("text"):
                         times.append(time.perf_counter() - start)
+                        if started is not None:
+                            started.set()
                     text += choice.get("text") or ""
                     finish = choice.get("finish_reason") or finish
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done, "times": times}
+    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done, "times": times, "error": error}
 
 
 def one_request(url: str, model: str, index: int, max_tokens: int) -> tuple[float, str | None]:

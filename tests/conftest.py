@@ -90,8 +90,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(pair, log_path: Path, extra_env: dict | None = None, extra_args: tuple = ()):
-    """Start `rlvrx serve` on a toy pair; return (process, base_url) once /health answers."""
+def start_server(pair, log_path: Path, extra_env: dict | None = None, extra_args: tuple = (),
+                 new_session: bool = False):
+    """Start `rlvrx serve` on a toy pair (in a process group of its own with `new_session`);
+    return (process, base_url) once /health answers."""
     import time
     import urllib.request
 
@@ -103,7 +105,7 @@ def start_server(pair, log_path: Path, extra_env: dict | None = None, extra_args
         [sys.executable, "-m", "rlvrx.server.cli", "serve", "--rl", str(rl), "--base", str(base),
          "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--enforce-eager", "--max-model-len", "512", "--seed", "0", "--max-num-seqs", "32", *extra_args],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300

@@ -13,6 +13,7 @@ import openai
 import pytest
 import yaml
 
+from rlvrx.server.api.drain import ENGINE_EXIT_S
 from rlvrx.server.cli import DEFAULT_SHUTDOWN_TIMEOUT, our_parser
 from tests.conftest import ROOT
 
@@ -85,7 +86,7 @@ def test_kubernetes_manifests_validate(overlay):
     assert container["livenessProbe"]["tcpSocket"]["port"] == "http"
     drain = next((int(a.split("=")[1]) for a in container["args"] if a.startswith("--shutdown-timeout=")),
                  DEFAULT_SHUTDOWN_TIMEOUT)
-    assert pod["spec"]["terminationGracePeriodSeconds"] > drain
+    assert pod["spec"]["terminationGracePeriodSeconds"] > drain + ENGINE_EXIT_S
     ours, vllm_args = our_parser().parse_known_args(["serve", *container["args"]])
     assert ours.rl == "/models/rl" and ours.base == "/models/base"
     gpus = container["resources"]["limits"]["nvidia.com/gpu"]
@@ -108,6 +109,9 @@ def test_compose_file_matches_the_compose_spec_and_wires_the_stack():
     jsonschema.validators.validator_for(schema)(schema).validate(compose)
     assert set(compose["services"]) == {"rlvrx", "prometheus", "grafana"}
     assert (DEPLOY / compose["services"]["rlvrx"]["build"]["context"] / "pyproject.toml").is_file()
+    # `docker compose stop` waits this long before its SIGKILL (10 s unless set): past the drain.
+    assert int(compose["services"]["rlvrx"]["stop_grace_period"].removesuffix("s")) > \
+        DEFAULT_SHUTDOWN_TIMEOUT + ENGINE_EXIT_S
 
     prometheus = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]

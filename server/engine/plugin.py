@@ -1,10 +1,11 @@
 """vLLM general plugin: registers the wrapper architectures in every vLLM process, records
 vLLM's first error there for `rlvrx serve`'s start-up message, scores prompts per served name
 (server.engine.prompt_scoring), reads the RL model's generation config from a stacked engine's
-adapter (server.engine.adapter_generation_config), and works around a vLLM CPU bug
-(server.engine.cpu_seeded_chunks)."""
+adapter (server.engine.adapter_generation_config), makes the engine core and the workers drain
+under a signal to the whole process group (server.engine.signals), and works around a vLLM CPU
+bug (server.engine.cpu_seeded_chunks)."""
 
-from rlvrx.server.engine import adapter_generation_config, cpu_seeded_chunks, prompt_scoring, startup_error
+from rlvrx.server.engine import adapter_generation_config, cpu_seeded_chunks, prompt_scoring, signals, startup_error
 from rlvrx.server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
@@ -19,3 +20,4 @@ def register() -> None:
     cpu_seeded_chunks.install()
     prompt_scoring.install()
     adapter_generation_config.install()
+    signals.install()
