@@ -43,10 +43,12 @@ def restore_signals():
         signal.signal(sig, handler)
 
 
-def test_a_signal_inside_the_engine_cores_handler_does_not_run_it_again(restore_signals):
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_inside_the_engine_cores_handler_does_not_run_it_again(restore_signals, second):
     """vLLM's engine-core handler ends by setting a threading.Event (its SignalCallback). When the
     API server's SIGTERM landed while that held the Event's lock, the handler ran again, nested,
-    and waited for the lock forever: here the lock is held, the second SIGTERM raised inside it."""
+    and waited for the lock forever: here the lock is held, and a second signal raised inside it
+    (a SIGINT after a SIGTERM too: Ctrl-C)."""
     from vllm.v1.engine.core import EngineCoreProc
 
     lock, triggers, stuck = threading.Lock(), [], []
@@ -59,15 +61,16 @@ def test_a_signal_inside_the_engine_cores_handler_does_not_run_it_again(restore_
             try:
                 triggers.append(True)
                 if len(triggers) == 1:
-                    signal.raise_signal(signal.SIGTERM)  # the API server's SIGTERM lands now (and is handled)
+                    signal.raise_signal(second)  # the API server's SIGTERM lands now (and is handled)
             finally:
                 lock.release()
 
     handler = vllm_handler(EngineCoreProc.run_engine_core, signals.ENGINE_CORE_HANDLER,
                            {"shutdown_requested": False, "engine_core": None, "signal_callback": Callback()})
-    signal.signal(signal.SIGTERM, handler)
+    for sig in signals.SIGNALS:  # as vLLM installs it
+        signal.signal(sig, handler)
     signals.install()
-    assert signal.getsignal(signal.SIGTERM).__wrapped__ is handler
+    assert all(signal.getsignal(sig).__wrapped__ is handler for sig in signals.SIGNALS)
     signal.raise_signal(signal.SIGTERM)  # the group's
     assert triggers == [True] and not stuck
 

@@ -12,7 +12,7 @@ them, because:
   when that one lands while the first handler holds the Event's lock, Python runs the handler
   again, nested, on the same thread, and it waits for that lock forever. The engine core then
   neither drains nor exits, and the API server waits out the whole `--shutdown-timeout` before
-  it kills it (seen: about one group signal in three, on a busy machine). Here only the first
+  it kills it (seen on a busy machine: one group signal in three to eight). Here only the first
   signal runs vLLM's handler (which does nothing more for later ones anyway).
 - A worker's handler raises SystemExit, so a group signal kills the workers under the requests
   in flight, which then fail although the API server and the engine core would drain them. Here
@@ -50,10 +50,17 @@ def ignore(signum, frame) -> None:
 
 def install() -> None:
     """Adjust vLLM's handlers where this process has them (called in every vLLM process, on the
-    thread that loads the plugins: the main thread in the engine core and in the workers)."""
+    thread that loads the plugins: the main thread in the engine core and in the workers). vLLM
+    installs one handler for both signals; one wrapper stands for it, so that a SIGINT inside a
+    SIGTERM is dropped too."""
+    handler = signal.getsignal(signal.SIGTERM)
+    name = getattr(handler, "__qualname__", None)
+    if name == ENGINE_CORE_HANDLER:
+        replacement = first_only(handler)
+    elif name == WORKER_HANDLER:
+        replacement = ignore
+    else:
+        return
     for sig in SIGNALS:
-        name = getattr(signal.getsignal(sig), "__qualname__", None)
-        if name == ENGINE_CORE_HANDLER:
-            signal.signal(sig, first_only(signal.getsignal(sig)))
-        elif name == WORKER_HANDLER:
-            signal.signal(sig, ignore)
+        if signal.getsignal(sig) is handler:
+            signal.signal(sig, replacement)
