@@ -6,6 +6,8 @@ server.engine.signals changes them."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -88,6 +90,38 @@ def test_workers_leave_a_signal_to_their_engine_core(restore_signals):
         except SystemExit:  # what vLLM's handler does: the worker dies under the requests in flight
             pytest.fail(f"a worker still exits on {signal.Signals(sig).name}")
         assert signal.getsignal(sig) is not signal.SIG_IGN  # which the worker's children would inherit
+
+
+# An engine core whose start-up failed exits through multiprocessing's exit, which terminates its
+# daemonic children and joins them: a worker that leaves SIGTERM to its engine core must be killed.
+FAILED_ENGINE_CORE = """
+import multiprocessing, signal, sys, time
+from multiprocessing import util
+from rlvrx.server.engine import signals
+
+def worker(ready):
+    signal.signal(signal.SIGTERM, signals.ignore)
+    ready.set()
+    time.sleep(600)
+
+def engine_core_handler(signum, frame):
+    pass
+
+engine_core_handler.__qualname__ = signals.ENGINE_CORE_HANDLER
+context = multiprocessing.get_context("fork")
+ready = context.Event()
+context.Process(target=worker, args=(ready,), daemon=True).start()
+ready.wait()
+signal.signal(signal.SIGTERM, engine_core_handler)
+signals.install()
+util._exit_function()
+print("exited")
+"""
+
+
+def test_an_engine_core_that_exits_without_stopping_its_workers_does_not_wait_for_them():
+    proc = subprocess.run([sys.executable, "-c", FAILED_ENGINE_CORE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exited", proc.stderr
 
 
 def test_other_handlers_are_left_alone(restore_signals):

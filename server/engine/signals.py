@@ -18,11 +18,16 @@ them, because:
   in flight, which then fail although the API server and the engine core would drain them. Here
   the workers ignore both signals: the engine core stops its workers itself once it has drained
   (it closes their death pipes, and kills what is left after a grace period), and a worker whose
-  engine core is gone exits through the same pipe.
+  engine core is gone exits through the same pipe. An engine core that exits without stopping its
+  workers (its start-up failed) would then wait for them forever: multiprocessing's exit
+  terminates daemonic children, which a worker no longer obeys, then joins them. So the engine
+  core kills what is left of its workers as its exit begins (`kill_workers`).
 """
 
+import multiprocessing
 import signal
 from collections.abc import Callable
+from multiprocessing import util
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ENGINE_CORE_HANDLER = "EngineCoreProc.run_engine_core.<locals>.signal_handler"
@@ -48,6 +53,13 @@ def ignore(signum, frame) -> None:
     a worker starts, compilers among them, would inherit.)"""
 
 
+def kill_workers() -> None:
+    """Kill this process's daemonic children still alive (its workers, which leave SIGTERM to it)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def install() -> None:
     """Adjust vLLM's handlers where this process has them (called in every vLLM process, on the
     thread that loads the plugins: the main thread in the engine core and in the workers). vLLM
@@ -57,6 +69,9 @@ def install() -> None:
     name = getattr(handler, "__qualname__", None)
     if name == ENGINE_CORE_HANDLER:
         replacement = first_only(handler)
+        # Run by multiprocessing's exit before it terminates and joins the children (a spawned
+        # process exits through it, not through atexit).
+        util.Finalize(None, kill_workers, exitpriority=0)
     elif name == WORKER_HANDLER:
         replacement = ignore
     else:
