@@ -10,8 +10,10 @@ submitted in one `generate` call; a request with "prompt_embeds_file" (a torch.s
 [n, hidden] tensor) in place of "prompt_ids" gives its prompt as embeddings. Optional: "eager"
 (default true; false compiles the model), "tensor_parallel_size" (default 1),
 "max_num_batched_tokens" (a prompt longer than it is prefilled in chunks), "prompt_embeds"
-(default false: vLLM's enable_prompt_embeds), "env" (variables set before vLLM is imported).
+(default false: vLLM's enable_prompt_embeds), "speculative_config" (vLLM's, e.g. ngram), "env"
+(variables set before vLLM is imported).
 A request with `prompt_logprobs` gets them in its result, position 0 (which has none) left out.
+With a speculative config the last line is {"results": ..., "spec": {draft and accepted token counts}}.
 """
 
 import json
@@ -57,7 +59,9 @@ def main() -> None:
               enable_prefix_caching=spec.get("prefix_caching", False),
               tensor_parallel_size=spec.get("tensor_parallel_size", 1),
               max_num_batched_tokens=spec.get("max_num_batched_tokens"),
-              enable_prompt_embeds=spec.get("prompt_embeds", False))
+              enable_prompt_embeds=spec.get("prompt_embeds", False),
+              speculative_config=spec.get("speculative_config"),
+              disable_log_stats=not spec.get("speculative_config"))
     results = []
     for batch in spec["batches"]:
         prompts = [EmbedsPrompt(prompt_embeds=torch.load(r["prompt_embeds_file"])) if "prompt_embeds_file" in r
@@ -76,6 +80,10 @@ def main() -> None:
             ]
             for out in outputs
         ])
+    if spec.get("speculative_config"):
+        counters = {m.name: getattr(m, "value", None) or getattr(m, "values", None) for m in llm.get_metrics()
+                    if m.name.startswith("vllm:spec_decode_num")}
+        results = {"results": results, "spec": counters}
     print("\n" + json.dumps(results), file=results_out, flush=True)
 
 

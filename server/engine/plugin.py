@@ -2,10 +2,12 @@
 vLLM's first error there for `rlvrx serve`'s start-up message, scores prompts per served name
 (server.engine.prompt_scoring), reads the RL model's generation config from a stacked engine's
 adapter (server.engine.adapter_generation_config), makes the engine core and the workers drain
-under a signal to the whole process group (server.engine.signals), and works around a vLLM CPU
-bug (server.engine.cpu_seeded_chunks)."""
+under a signal to the whole process group (server.engine.signals), verifies speculative drafts
+against the rule's distribution (server.engine.speculative), and works around two vLLM CPU bugs
+(server.engine.cpu_seeded_chunks, server.engine.cpu_spec_expand)."""
 
-from rlvrx.server.engine import adapter_generation_config, cpu_seeded_chunks, prompt_scoring, signals, startup_error
+from rlvrx.server.engine import (adapter_generation_config, cpu_seeded_chunks, cpu_spec_expand, prompt_scoring, signals,
+                                 speculative, startup_error)
 from rlvrx.server.engine.pair import ARCHITECTURE, STACKED_ARCHITECTURE
 
 
@@ -18,6 +20,8 @@ def register() -> None:
         ModelRegistry.register_model(STACKED_ARCHITECTURE, "rlvrx.server.engine.stacked:StackedLoraForCausalLM")
     startup_error.record_in_this_process()
     cpu_seeded_chunks.install()
+    cpu_spec_expand.install()
     prompt_scoring.install()
     adapter_generation_config.install()
     signals.install()
+    speculative.install()

@@ -55,9 +55,20 @@ class RowState:
     stats_slot: int | None
     edits_logits: bool  # vLLM edits this row's RL logits before the processor
     output_ids: list[int]  # vLLM's running list of the request's generated tokens
-    # [output position, M] last written to the stats slot: a position sampled again (a prompt
-    # prefilled in chunks) replaces its value instead of adding to it.
-    written: list[float] = field(default_factory=lambda: [-1, 0.0])
+    # {output position: M} last written to the stats slot, for the positions not yet behind the
+    # output: a position sampled again (a prompt prefilled in chunks, a rejected draft position of
+    # speculative decoding) replaces its value instead of adding to it.
+    written: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Which request each logits row belongs to and which of its output positions it samples, counted
+    from the request's next one. Without speculative decoding row i is request i at offset 0; with it a
+    request has one row per draft token and one bonus row (server.engine.speculative)."""
+
+    requests: tuple[int, ...]  # batch index of each row's request
+    offsets: tuple[int, ...]  # each row's output position past the request's current output
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,9 @@ class BatchPlan:
     base_rows: torch.Tensor | None  # rows of the base pass-through
     settings: RowSettings | None  # settings of ext_rows, in that order
     states: list[RowState]  # every row of the batch, in order
+    offsets: list[int]  # each of those rows' output position past its request's current output
     ext_states: list[RowState]  # the states of ext_rows, in that order
+    ext_offsets: list[int]  # the offsets of ext_rows, in that order
     ext_position: list[int | None]  # each row's index in ext_states (None: not extrapolated)
 
 
@@ -78,7 +91,7 @@ class SampledStep:
     """One step's rows, settled at the next step once vLLM has kept (or thrown away) their tokens."""
 
     states: list[RowState]
-    lengths: list[int]  # len(output_ids) of each row when it was sampled
+    positions: list[int]  # the output position each row sampled
     ext_position: list[int | None]  # each row's index in the step's extrapolated rows
     prob: torch.Tensor | None  # [rows of ext] M of each extrapolated row, on the device
     delta: torch.Tensor | None  # [rows of ext, V] Δlog p of the extrapolated rows, on the device
@@ -151,6 +164,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         self.device = device
         self.rows: dict[int, RowState] = {}
         self.plan: BatchPlan | None = None
+        self.plan_layout: RowLayout | None = None  # the layout self.plan was built for
         names = vllm_config.model_config.served_model_name
         self.model_name = names[0] if isinstance(names, (list, tuple)) else str(names)
         # Every tensor-parallel rank runs this processor on the same rows; only the first records.
@@ -193,31 +207,38 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
             output_ids=output_ids,
         )
 
-    def build_plan(self, num_rows: int) -> BatchPlan:
-        ext = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough is None)
-        base = sorted(i for i, r in self.rows.items() if i < num_rows and r.settings.passthrough == "base")
-        ext_states = [self.rows[i] for i in ext]
-        rows = [i for i in range(num_rows) if i in self.rows]
-        states = [self.rows[i] for i in rows]
+    def build_plan(self, layout: RowLayout) -> BatchPlan:
+        rows = [r for r, request in enumerate(layout.requests) if request in self.rows]
+        row_state = {r: self.rows[layout.requests[r]] for r in rows}
+        ext = [r for r in rows if row_state[r].settings.passthrough is None]
+        base = [r for r in rows if row_state[r].settings.passthrough == "base"]
+        ext_states = [row_state[r] for r in ext]
         position = {row: pos for pos, row in enumerate(ext)}
         return BatchPlan(
             ext_rows=to_device(ext, torch.int64, self.device) if ext else None,
-            ext_all=ext == list(range(num_rows)),
+            ext_all=ext == list(range(len(layout.requests))),
             base_rows=to_device(base, torch.int64, self.device) if base else None,
             settings=row_settings(ext_states, self.device) if ext else None,
-            states=states,
+            states=[row_state[r] for r in rows],
+            offsets=[layout.offsets[r] for r in rows],
             ext_states=ext_states,
-            ext_position=[position.get(i) for i in rows],
+            ext_offsets=[layout.offsets[r] for r in ext],
+            ext_position=[position.get(r) for r in rows],
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        return self.apply_rows(logits, RowLayout(tuple(range(n)), (0,) * n))
+
+    def apply_rows(self, logits: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        """`apply` for logits rows laid out as `layout` says."""
         if self.records:
             self.settle()
         if not self.rows:
             return logits
         started = time.perf_counter()
-        if self.plan is None:
-            self.plan = self.build_plan(logits.shape[0])
+        if self.plan is None or self.plan_layout != layout:
+            self.plan, self.plan_layout = self.build_plan(layout), layout
         plan = self.plan
         prob, delta = None, None
         if plan.ext_rows is not None or plan.base_rows is not None:
@@ -255,20 +276,24 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         """Have M of each extrapolated row with a slot written to its output position (the API
         server reads the slot when the last token arrives), and keep the step to settle the
         metrics once the kept tokens are known."""
-        writes = [(state, len(state.output_ids), pos) for pos, state in enumerate(plan.ext_states)
+        writes = [(state, len(state.output_ids), offset, pos)
+                  for pos, (state, offset) in enumerate(zip(plan.ext_states, plan.ext_offsets))
                   if state.stats_slot is not None]
         if writes and self.table is not None:
             self.reads.submit([prob], lambda values: self.write_stats(writes, values[0]))
-        self.sampled = SampledStep(states=plan.states, lengths=[len(s.output_ids) for s in plan.states],
+        positions = [len(s.output_ids) + offset for s, offset in zip(plan.states, plan.offsets)]
+        self.sampled = SampledStep(states=plan.states, positions=positions,
                                    ext_position=plan.ext_position, prob=prob, delta=delta)
 
-    def write_stats(self, writes: list[tuple[RowState, int, int]], prob: list[float]) -> None:
-        for state, position, pos in writes:
-            value = prob[pos]
-            if state.written[0] == position:  # sampled again for the same position: replace
-                value -= state.written[1]
-            self.table.add(state.stats_slot, position, value)
-            state.written[:] = [position, prob[pos]]
+    def write_stats(self, writes: list[tuple[RowState, int, int, int]], prob: list[float]) -> None:
+        for state, length, offset, pos in writes:
+            if offset == 0:  # positions behind the output are final
+                for done in [p for p in state.written if p < length]:
+                    del state.written[done]
+            position = length + offset
+            # sampled again for the same position: replace
+            self.table.add(state.stats_slot, position, prob[pos] - state.written.get(position, 0.0))
+            state.written[position] = prob[pos]
 
     def settle(self) -> None:
         """Metrics of the last step's rows whose token vLLM kept (its output list grew; a
@@ -281,7 +306,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         if step is None:
             return
         picked_rows, picked_tokens, unslotted = [], [], []
-        for state, length, pos in zip(step.states, step.lengths, step.ext_position):
+        for state, length, pos in zip(step.states, step.positions, step.ext_position):
             if len(state.output_ids) <= length:
                 continue
             if state.stats_slot is None:
