@@ -26,6 +26,15 @@ DELTA_LOGP = Histogram(
     "rlvrx:delta_logp", "Δlog p = log π_RL − log π_Base of emitted tokens of extrapolated requests.", LABELS,
     buckets=DELTA_BUCKETS,
 )
+DRAFT_TOKENS = Counter(
+    "rlvrx:spec_draft_tokens",
+    "Draft tokens verified by speculative decoding (against q for extrapolated requests), by served model and "
+    "preset.", LABELS,
+)
+ACCEPTED_DRAFT_TOKENS = Counter(
+    "rlvrx:spec_accepted_tokens",
+    "Draft tokens accepted and kept; accepted / draft tokens is the acceptance rate of the preset.", LABELS,
+)
 COMBINE_SECONDS = Histogram(
     "rlvrx:combine_seconds", "Time in the extrapolation logits processor per engine step.", ("model_name",),
     buckets=COMBINE_BUCKETS,

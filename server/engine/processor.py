@@ -92,6 +92,7 @@ class SampledStep:
 
     states: list[RowState]
     positions: list[int]  # the output position each row sampled
+    offsets: list[int]  # each row's offset past its request's output (> 0: the row verified a draft)
     ext_position: list[int | None]  # each row's index in the step's extrapolated rows
     prob: torch.Tensor | None  # [rows of ext] M of each extrapolated row, on the device
     delta: torch.Tensor | None  # [rows of ext, V] Δlog p of the extrapolated rows, on the device
@@ -282,7 +283,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         if writes and self.table is not None:
             self.reads.submit([prob], lambda values: self.write_stats(writes, values[0]))
         positions = [len(s.output_ids) + offset for s, offset in zip(plan.states, plan.offsets)]
-        self.sampled = SampledStep(states=plan.states, positions=positions,
+        self.sampled = SampledStep(states=plan.states, positions=positions, offsets=plan.offsets,
                                    ext_position=plan.ext_position, prob=prob, delta=delta)
 
     def write_stats(self, writes: list[tuple[RowState, int, int, int]], prob: list[float]) -> None:
@@ -306,9 +307,14 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         if step is None:
             return
         picked_rows, picked_tokens, unslotted = [], [], []
-        for state, length, pos in zip(step.states, step.positions, step.ext_position):
+        for state, length, offset, pos in zip(step.states, step.positions, step.offsets, step.ext_position):
+            # Rows 1..n of a request with n drafts (speculative decoding): row j is kept iff draft j was accepted.
+            if offset:
+                metrics.DRAFT_TOKENS.labels(self.model_name, state.settings.label).inc()
             if len(state.output_ids) <= length:
                 continue
+            if offset:
+                metrics.ACCEPTED_DRAFT_TOKENS.labels(self.model_name, state.settings.label).inc()
             if state.stats_slot is None:
                 metrics.GENERATED_TOKENS.labels(self.model_name, state.settings.label).inc()
                 if pos is not None:
