@@ -1,12 +1,13 @@
 """Speculative decoding verified against q (server/engine/speculative.py), both engine paths.
 
-With vLLM's n-gram drafter on, each path runs the requests of the non-speculative checks
-(tests/engine_checks.py): greedy generations equal the float64 reference of the rule token for token
-(so they equal the non-speculative engine's), sampled tokens have the reference's log q as their
-logprobs, allowed-token masks reach both streams, and `:rl` / `:base` equal vLLM serving each model
-alone with the same speculation (the same tokens and logprob floats). Drafts were proposed, accepted and
-rejected in these runs (vLLM's counters). The joint distribution of the first three tokens on a prompt
-where the drafter proposes the model's own likely continuation matches the reference (chi-square).
+With vLLM's n-gram drafter on, the two-backbone pair (eager) and a stacked LoRA pair (compiled) run the
+requests of the non-speculative checks (tests/engine_checks.py): greedy generations equal the float64
+reference of the rule token for token (so they equal the non-speculative engine's), sampled tokens have
+the reference's log q as their logprobs, allowed-token masks reach both streams, and the joint
+distribution of the first three tokens, on a prompt where the drafter proposes the model's own likely
+continuation, matches the reference (chi-square). `:rl` / `:base` equal vLLM serving each model alone
+with the same speculation (the same tokens and logprob floats). Drafts were proposed, accepted and
+rejected in every run (vLLM's counters).
 """
 
 import math
@@ -17,12 +18,13 @@ import torch
 
 from rlvrx.kernels import reference as ref
 from tests import engine_checks as checks
+from rlvrx.server.toy_pair import build_lora_child
 from tests.conftest import next_logits, ref_settings as settings, run_engine
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 JOINT_SAMPLES = 1200
 JOINT_TOKENS = 3
-JOINT = (0.5, -0.2, "base", 20, 0.8, 0.9)  # (gamma, tau, generator, candidates, temperature, top_p)
+JOINT = (0.5, -0.2, "base", 20, 0.7, 0.9)  # (gamma, tau, generator, candidates, temperature, top_p)
 
 
 def allowed_batch():
@@ -31,13 +33,18 @@ def allowed_batch():
 
 
 def joint_prompt(models) -> list[int]:
-    """A prompt that ends as it began, with the RL model's greedy continuation in between: after the
-    first generated token the drafter proposes that continuation again."""
-    start = list(checks.PROMPTS[1][:6])
-    ids = list(start)
-    for _ in range(8):
-        ids.append(int(np.argmax(next_logits(models, ids)[0])))
-    return ids + start
+    """A prompt on which the rule repeats one token: a run of a token t, then three of the token r the
+    rule's greedy choice continues it with, r taking at least half of q at JOINT's sampling settings — so
+    after the first generated token the drafter proposes r again, and drafts are accepted and rejected."""
+    greedy = settings(*JOINT[:4])
+    for t in range(384):
+        ids = [t] * 12
+        run = [ref.greedy_token(*next_logits(models, ids), greedy)]
+        while len(run) < 3 and ref.greedy_token(*next_logits(models, ids + run), greedy) == run[0]:
+            run.append(run[0])
+        if len(run) == 3 and ref.two_stage_distribution(*next_logits(models, ids + run), settings(*JOINT))[run[0]] > 0.5:
+            return ids + run
+    raise AssertionError("no prompt of the toy pair repeats a token")
 
 
 def joint_batch(prompt):
@@ -48,66 +55,96 @@ def joint_batch(prompt):
 
 
 def spec_batches(prompt):
+    """greedy settings, sampled settings, allowed tokens, joint distribution (and the rule's greedy
+    continuation of its prompt), presets"""
     batches = checks.pair_batches()
-    return [batches[0], batches[1], allowed_batch(), checks.passthrough_batch("pair"), joint_batch(prompt)]
+    repeat = {"prompt_ids": prompt, "params": checks.greedy(checks.xargs(*JOINT[:4]))}
+    return [batches[0], batches[1], allowed_batch(), joint_batch(prompt) + [repeat], checks.passthrough_batch("pair")]
 
 
 @pytest.fixture(scope="module")
-def runs(toy_pairs, hf_models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("speculative")
+def references(hf_models, tmp_path_factory, toy_pairs):
+    """{path: ((rl, base) float64 models, engine "pair" argument)}: the two-backbone pair and a LoRA child
+    of its base (the stacked path), whose RL model is PEFT's merge."""
+    from transformers import AutoModelForCausalLM
+
     base, rl = toy_pairs["qwen2"]
-    prompt = joint_prompt(hf_models["qwen2"])
-    single = lambda path, engine: run_engine(  # noqa: E731
-        {"model": str(path), "batches": [checks.passthrough_batch(engine)], "speculative_config": NGRAM}, tmp)
-    return {
-        "pair": run_engine({"pair": [str(rl), str(base)], "batches": spec_batches(prompt),
-                            "speculative_config": NGRAM}, tmp),
-        "rl_alone": single(rl, "rl"),
-        "base_alone": single(base, "base"),
-        "prompt": prompt,
-    }
+    adapter, merged = build_lora_child(base, tmp_path_factory.mktemp("lora") / "child", seed=5)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float64).eval()
+    return {"two-backbone": (hf_models["qwen2"], [str(rl), str(base)]),
+            "stacked": ((merged_model, hf_models["qwen2"][1]), [str(adapter), str(base)])}
 
 
-def test_drafts_were_proposed_accepted_and_rejected(runs):
-    counts = runs["pair"]["spec"]
+@pytest.fixture(scope="module")
+def runs(references, toy_pairs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("speculative")
+    out = {}
+    for path, (models, pair) in references.items():
+        prompt = joint_prompt(models)
+        out[path] = run_engine({"pair": pair, "batches": spec_batches(prompt), "speculative_config": NGRAM,
+                                "eager": path == "two-backbone"}, tmp)
+        out[path]["prompt"] = prompt
+    base, rl = toy_pairs["qwen2"]
+    for engine, model in (("rl", rl), ("base", base)):
+        out[f"{engine}_alone"] = run_engine(
+            {"model": str(model), "batches": [checks.passthrough_batch(engine)], "speculative_config": NGRAM}, tmp)
+    return out
+
+
+PATHS = ["two-backbone", "stacked"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_drafts_were_proposed_accepted_and_rejected(runs, path):
+    counts = runs[path]["spec"]
     accepted = counts["vllm:spec_decode_num_accepted_tokens"] or 0
     assert 0 < accepted < counts["vllm:spec_decode_num_draft_tokens"]
 
 
-def test_greedy_equals_the_rule_without_speculation(runs, hf_models):
-    checks.check_greedy(runs["pair"]["results"], hf_models["qwen2"])
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_equals_the_rule_without_speculation(runs, references, path):
+    checks.check_greedy(runs[path]["results"], references[path][0])
 
 
-def test_sampled_logprobs_are_the_reference_q(runs, hf_models):
-    checks.check_sampled(runs["pair"]["results"], hf_models["qwen2"])
+@pytest.mark.parametrize("path", PATHS)
+def test_sampled_logprobs_are_the_reference_q(runs, references, path):
+    checks.check_sampled(runs[path]["results"], references[path][0])
 
 
-def test_allowed_tokens_reach_both_streams(runs, hf_models):
+@pytest.mark.parametrize("path", PATHS)
+def test_allowed_tokens_reach_both_streams(runs, references, path):
     allowed = np.full(384, -np.inf)
     allowed[checks.ALLOWED] = 0.0
-    got = runs["pair"]["results"][2][0][0]["token_ids"]
-    assert got == checks.reference_greedy(hf_models["qwen2"], checks.PROMPTS[1], settings(0.5, -0.3, "base", 0), allowed)
+    got = runs[path]["results"][2][0][0]["token_ids"]
+    assert got == checks.reference_greedy(references[path][0], checks.PROMPTS[1], settings(0.5, -0.3, "base", 0), allowed)
 
 
 def test_presets_verify_against_their_own_model(runs):
-    results = runs["pair"]["results"]
-    checks.check_passthrough(results[:4], runs["rl_alone"]["results"][0], runs["base_alone"]["results"][0])
+    results = runs["two-backbone"]["results"]
+    checks.check_passthrough(results, runs["rl_alone"]["results"][0], runs["base_alone"]["results"][0])
 
 
-def test_joint_distribution_of_the_first_tokens_is_the_rule(runs, hf_models):
+@pytest.mark.parametrize("path", PATHS)
+def test_joint_distribution_of_the_first_tokens_is_the_rule(runs, references, path):
     """Chi-square of the first JOINT_TOKENS tokens of JOINT_SAMPLES seeded requests against the float64
     reference's joint probabilities (categories expected ≥ 5 times; the rest pooled)."""
     s = settings(*JOINT)
-    models = hf_models["qwen2"]
+    models = references[path][0]
     cache: dict[tuple, np.ndarray] = {}
 
     def q(prefix: tuple) -> np.ndarray:
         if prefix not in cache:
-            cache[prefix] = ref.two_stage_distribution(*next_logits(models, list(runs["prompt"]) + list(prefix)), s)
+            cache[prefix] = ref.two_stage_distribution(*next_logits(models, list(runs[path]["prompt"]) + list(prefix)), s)
         return cache[prefix]
 
+    *sampled, repeat = runs[path]["results"][3]
+    greedy: list[int] = []
+    ids = list(runs[path]["prompt"])
+    for _ in range(checks.MAX_TOKENS):
+        greedy.append(ref.greedy_token(*next_logits(models, ids + greedy), settings(*JOINT[:4])))
+    assert repeat[0]["token_ids"] == greedy
     counts: dict[tuple, int] = {}
-    for result in runs["pair"]["results"][4]:
+    for result in sampled:
         seq = tuple(result[0]["token_ids"])
         counts[seq] = counts.get(seq, 0) + 1
     probability = {seq: math.prod(q(seq[:i])[seq[i]] for i in range(JOINT_TOKENS)) for seq in counts}
@@ -121,3 +158,5 @@ def test_joint_distribution_of_the_first_tokens_is_the_rule(runs, hf_models):
     p_value = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.float64),
                                             torch.tensor(chi2 / 2, dtype=torch.float64)))
     assert p_value > 1e-3, (chi2, len(expected), p_value)
+
+
