@@ -8,18 +8,26 @@ distribution of the first three tokens, on a prompt where the drafter proposes t
 continuation, matches the reference (chi-square). `:rl` / `:base` equal vLLM serving each model alone
 with the same speculation (the same tokens and logprob floats). Drafts were proposed, accepted and
 rejected in every run (vLLM's counters).
+
+`rlvrx serve --speculative-config` serves the same through the API: a greedy completion equals the
+reference with usage counting the extrapolated positions of kept tokens only, streamed or not; chat
+works; /metrics counts draft and accepted tokens per preset, by exactly what the engine kept; vLLM's
+refusal of logit_bias under speculation is a 400 naming it.
 """
 
+import json
 import math
 
-import numpy as np
+import openai
 import pytest
+import numpy as np
 import torch
 
 from rlvrx.kernels import reference as ref
 from tests import engine_checks as checks
 from rlvrx.server.toy_pair import build_lora_child
-from tests.conftest import next_logits, ref_settings as settings, run_engine
+from tests.conftest import next_logits, ref_settings as settings, run_engine, start_server, stop_server
+from tests.test_metrics import moved, scrape
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 JOINT_SAMPLES = 1200
@@ -160,3 +168,47 @@ def test_joint_distribution_of_the_first_tokens_is_the_rule(runs, references, pa
     assert p_value > 1e-3, (chi2, len(expected), p_value)
 
 
+
+
+@pytest.fixture(scope="module")
+def spec_server(toy_pairs, tmp_path_factory):
+    proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp("spec-server") / "server.log",
+                             extra_args=("--speculative-config", json.dumps(NGRAM)))
+    yield url
+    stop_server(proc)
+
+
+def test_served_with_speculation(spec_server, runs, references):
+    models, _ = references["two-backbone"]
+    prompt = runs["two-backbone"]["prompt"]
+    client = openai.OpenAI(base_url=spec_server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    s = settings(0.5, -0.2, "base", 20)
+    expected, flagged, ids = [], 0.0, list(prompt)
+    for _ in range(16):
+        a, b = next_logits(models, ids)
+        flagged += ref.extrapolation_probability(a, b, s)
+        expected.append(ref.greedy_token(a, b, s))
+        ids.append(expected[-1])
+    body = {"gamma": 0.5, "tau": -0.2, "generator": "base", "candidates": 20, "ignore_eos": True, "return_token_ids": True}
+    before = scrape(spec_server)
+    response = client.completions.create(model="toy", prompt=prompt, max_tokens=16, temperature=0, extra_body=body)
+    assert response.choices[0].token_ids == expected
+    assert response.usage.model_extra["extrapolated_tokens"] == flagged
+    chunks = list(client.completions.create(model="toy", prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=body))
+    assert [t for c in chunks if c.choices for t in c.choices[0].token_ids] == expected
+    assert [c.usage for c in chunks if c.usage][-1].model_extra["extrapolated_tokens"] == flagged
+    rl = client.completions.create(model="toy:rl", prompt=prompt, max_tokens=16, temperature=0, extra_body=body)
+    after = scrape(spec_server)
+    for preset in ("extrapolated", "rl"):
+        drafts = moved(before, after, "rlvrx:spec_draft_tokens_total", model_name="toy", preset=preset)
+        accepted = moved(before, after, "rlvrx:spec_accepted_tokens_total", model_name="toy", preset=preset)
+        assert 0 < accepted <= drafts, preset
+    # Every generated token is a kept draft or one sampled token per step.
+    assert moved(before, after, "rlvrx:generated_tokens_total", model_name="toy", preset="rl") == rl.usage.completion_tokens
+
+    chat = client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "hi hi hi"}],
+                                          max_tokens=8, temperature=0.8, seed=2)
+    assert chat.usage.completion_tokens == 8 or chat.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="toy", prompt=prompt, max_tokens=4, logit_bias={"5": 1.0})
