@@ -22,6 +22,15 @@ more systems run: `vllm-lora` — vLLM `--enable-lora` serving base + adapter al
 single-model anchor), and `rlvrx-2b` — the extrapolated preset of `rlvrx serve` with the
 merged model as a full child (the two-backbone path on the same pair).
 
+With `--speculative-config JSON` (vLLM's, e.g. `{"method": "ngram", "num_speculative_tokens": 3,
+"prompt_lookup_max": 3}`), three more systems run with that speculation: `rlvrx+spec` and
+`rlvrx:rl+spec` (the same presets of `rlvrx serve --speculative-config ...`) and `vllm-rl+spec` (vLLM
+alone with the same speculation); their rows add the acceptance rate (accepted / drafted tokens, from
+vLLM's counters on /metrics) and the mean accepted length (tokens per verification step: 1 + accepted /
+drafts), and their ratio is also taken to `vllm-rl+spec`. `--prompt-style quote` sends rewriting and
+editing requests that quote their input (fix this function, reformat this JSON), in the RL model's
+chat template as a chat client would send them, where prompt lookup finds its drafts.
+
 `--systems` picks a subset. The two baselines take the requests in batches of the
 concurrency (a batch starts when the previous one has finished), as a user of them would.
 Prompts are 3-digit reversed additions for the demo pair (its character tokenizer knows
@@ -54,7 +63,9 @@ from rlvrx.server.engine.adapter import is_adapter_dir  # noqa: E402
 
 PAPER = {"gamma": 0.05, "tau": -0.3, "generator": "base", "candidates": 50}
 SAMPLING = {"temperature": 1.0, "top_p": 0.7}  # every system, every request
-SYSTEMS = ("rlvrx", "rlvrx:rl", "rlvrx-2b", "vllm-rl", "vllm-lora", "paper-2engines", "hf-generate")
+SYSTEMS = ("rlvrx", "rlvrx:rl", "rlvrx-2b", "vllm-rl", "vllm-lora", "paper-2engines", "hf-generate",
+           "rlvrx+spec", "rlvrx:rl+spec", "vllm-rl+spec")
+SPEC_SYSTEMS = ("rlvrx+spec", "rlvrx:rl+spec", "vllm-rl+spec")
 TEXT_PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain why the sky is blue to a ten-year-old.",
@@ -64,6 +75,25 @@ TEXT_PROMPTS = [
     "Give me a recipe for a simple tomato soup.",
     "Summarise the plot of a detective novel you would like to read.",
     "How do vaccines train the immune system?",
+]
+QUOTE_PROMPTS = [  # rewriting and editing requests that quote their input
+    "Fix the bug in this function and write out the corrected function:\n\ndef average(values):\n"
+    "    total = 0\n    for value in values:\n        total += value\n    return total / len(value)\n\n",
+    'Reformat this JSON with one key per line:\n\n{"name": "lighthouse", "keeper": {"name": "Ada", "years": 12}, '
+    '"lamps": [1, 2, 3], "active": true, "location": {"lat": 48.1, "lon": -4.2}}\n\n',
+    "Add type hints to this Python function and write it out again:\n\ndef greet(name, times):\n"
+    "    for i in range(times):\n        print('Hello, ' + name)\n    return times\n\n",
+    "Correct the spelling in this paragraph and repeat it: The keeper climed the stairs every evning and "
+    "lit the lamp befor the ships came in from the see.\n\n",
+    "Rename the variable x to count in this code and write the code again:\n\nx = 0\nfor line in open('log.txt'):\n"
+    "    if 'error' in line:\n        x += 1\nprint('errors:', x)\n\n",
+    "Rewrite this SQL query with explicit JOIN syntax:\n\nSELECT orders.id, customers.name FROM orders, customers "
+    "WHERE orders.customer_id = customers.id AND orders.total > 100;\n\n",
+    "Convert this list to a Markdown table with columns name and price:\n\napple 1.20\nbread 2.50\nmilk 0.99\n"
+    "cheese 4.75\n\n",
+    "Make this function return early when the list is empty, and write out the whole function:\n\n"
+    "def largest(items):\n    best = items[0]\n    for item in items:\n        if item > best:\n"
+    "            best = item\n    return best\n\n",
 ]
 
 
@@ -110,12 +140,16 @@ def stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def prompts(count: int, style: str) -> list[str]:
-    """`count` fixed prompts: reversed 3-digit additions (`arith`) or plain-text requests (`text`)."""
+def prompts(count: int, style: str, tokenizer=None) -> list[str]:
+    """`count` fixed prompts: reversed 3-digit additions (`arith`), plain-text requests (`text`) or
+    requests that quote their input (`quote`)."""
     from rlvrx.server.arith_pair import question
 
     if style == "arith":
         return [question((37 * i) % 1000, (91 * i + 5) % 1000) + "=" for i in range(count)]
+    if style == "quote":
+        return [tokenizer.apply_chat_template([{"role": "user", "content": f"Request {i}: {QUOTE_PROMPTS[i % len(QUOTE_PROMPTS)]}"}],
+                                              tokenize=False, add_generation_prompt=True) for i in range(count)]
     return [f"Request {i}: {TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}" for i in range(count)]
 
 
@@ -159,6 +193,29 @@ def drive_batches(baseline, tokenizer, texts: list[str], concurrency: int, max_t
     return summarize(records, wall, len(texts) * max_tokens)
 
 
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                 "vllm:spec_decode_num_accepted_tokens_total")
+
+
+def spec_counters(url: str) -> list[float]:
+    """vLLM's speculative-decoding counters on /metrics: drafts, draft tokens, accepted tokens."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    totals = dict.fromkeys(SPEC_COUNTERS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return [totals[name] for name in SPEC_COUNTERS]
+
+
+def acceptance(before: list[float], after: list[float]) -> dict:
+    drafts, drafted, accepted = (b - a for a, b in zip(before, after))
+    return {"acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None}
+
+
 def summarize(records: list[dict], wall: float, tokens: int) -> dict:
     itl = [x for r in records for x in r["itl_s"]]
     return {
@@ -184,6 +241,12 @@ def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -
         ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.rl_model,
           "--logprobs-mode", "processed_logprobs", *common], "vllm.log", [("vllm-rl", "m", {})]),
     ]
+    if args.speculative_config:
+        spec = ["--speculative-config", args.speculative_config]
+        servers += [
+            ([*servers[0][0], *spec], "rlvrx-spec.log", [("rlvrx+spec", "m", PAPER), ("rlvrx:rl+spec", "m:rl", {})]),
+            ([*servers[1][0], *spec], "vllm-spec.log", [("vllm-rl+spec", "m", {})]),
+        ]
     if is_adapter_dir(args.rl):
         config = json.loads((Path(args.rl) / "adapter_config.json").read_text())
         rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
@@ -204,8 +267,10 @@ def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -
             drive_http(url, served[0][1], served[0][2], texts[:4], 4, args.max_tokens)  # warm-up, not recorded
             for c in levels:
                 for system, model, fields in served:
-                    rows.append({"system": system, "concurrency": c,
-                                 **drive_http(url, model, fields, texts, c, args.max_tokens)})
+                    spec = system in SPEC_SYSTEMS
+                    before = spec_counters(url) if spec else None
+                    row = {"system": system, "concurrency": c, **drive_http(url, model, fields, texts, c, args.max_tokens)}
+                    rows.append({**row, **(acceptance(before, spec_counters(url)) if spec else {})})
         finally:
             stop(proc)
     return rows
@@ -236,16 +301,28 @@ def run_baselines(args, systems: list[str], levels: list[int], texts: list[str],
 
 def report(rows: list[dict]) -> None:
     """Print the table; add each row's throughput as a ratio to `vllm-rl` at its concurrency (None
-    when `vllm-rl` did not run)."""
-    ceiling = {r["concurrency"]: r["output_tok_s"] for r in rows if r["system"] == "vllm-rl"}
+    when `vllm-rl` did not run), and, for the rows with speculation, to `vllm-rl+spec` and to the same
+    system without speculation."""
+    def tok_s(system: str) -> dict:
+        return {r["concurrency"]: r["output_tok_s"] for r in rows if r["system"] == system}
+
+    def ratio(r: dict, system: str) -> float | None:
+        anchor = tok_s(system).get(r["concurrency"])
+        return r["output_tok_s"] / anchor if anchor else None
+
+    show = lambda x, fmt: "—" if x is None else format(x, fmt)  # noqa: E731
     print(f"{'system':<15} {'conc':>4} {'TTFT p50/p99 ms':>17} {'ITL p50/p99 ms':>15} {'E2E p50/p99 ms':>17} "
-          f"{'tok/s':>8} {'vs vllm-rl':>10}")
+          f"{'tok/s':>8} {'vs vllm-rl':>10} {'vs +spec':>8} {'vs no spec':>10} {'accept':>6} {'length':>6}")
     for r in sorted(rows, key=lambda r: (r["concurrency"], SYSTEMS.index(r["system"]))):
-        ratio = r["output_tok_s"] / ceiling[r["concurrency"]] if r["concurrency"] in ceiling else None
-        r["ratio_to_vllm_rl"] = ratio
+        r["ratio_to_vllm_rl"] = ratio(r, "vllm-rl")
+        if r["system"] in SPEC_SYSTEMS:
+            r["ratio_to_vllm_rl_spec"] = ratio(r, "vllm-rl+spec")
+            r["ratio_to_no_spec"] = ratio(r, r["system"].removesuffix("+spec"))
         print(f"{r['system']:<15} {r['concurrency']:>4} {r['ttft_p50_ms']:>8.1f}/{r['ttft_p99_ms']:<8.1f} "
               f"{r['itl_p50_ms']:>7.1f}/{r['itl_p99_ms']:<7.1f} {r['e2e_p50_ms']:>8.1f}/{r['e2e_p99_ms']:<8.1f} "
-              f"{r['output_tok_s']:>8.1f} {'—' if ratio is None else f'{ratio:.3f}':>10}")
+              f"{r['output_tok_s']:>8.1f} {show(r['ratio_to_vllm_rl'], '.3f'):>10} "
+              f"{show(r.get('ratio_to_vllm_rl_spec'), '.3f'):>8} {show(r.get('ratio_to_no_spec'), '.3f'):>10} "
+              f"{show(r.get('acceptance_rate'), '.2f'):>6} {show(r.get('mean_accepted_length'), '.2f'):>6}")
 
 
 def main() -> None:
@@ -258,7 +335,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--prompt-style", choices=("auto", "arith", "text"), default="auto")
+    parser.add_argument("--prompt-style", choices=("auto", "arith", "text", "quote"), default="auto")
+    parser.add_argument("--speculative-config", default=None,
+                        help="vLLM's speculative config (JSON): adds the +spec systems")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/out/serving.json")
@@ -267,6 +346,8 @@ def main() -> None:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if set(systems) & set(SPEC_SYSTEMS) and not args.speculative_config:
+        systems = [s for s in systems if s not in SPEC_SYSTEMS]
     if is_adapter_dir(args.rl) and args.rl_model is None:
         parser.error("--rl is a LoRA adapter: give its merged model as --rl-model")
     args.rl_model = args.rl_model or args.rl
@@ -274,7 +355,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.rl_model)
-    texts = prompts(args.requests, prompt_style(tokenizer) if args.prompt_style == "auto" else args.prompt_style)
+    texts = prompts(args.requests, prompt_style(tokenizer) if args.prompt_style == "auto" else args.prompt_style,
+                    tokenizer)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = run_servers(args, systems, levels, texts) + run_baselines(args, systems, levels, texts, tokenizer)
     report(rows)
