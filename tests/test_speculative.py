@@ -1,7 +1,8 @@
 """Speculative decoding verified against q (server/engine/speculative.py), both engine paths.
 
-With vLLM's n-gram drafter on, the two-backbone pair (eager) and a stacked LoRA pair (compiled) run the
-requests of the non-speculative checks (tests/engine_checks.py): greedy generations equal the float64
+With vLLM's n-gram drafter on, the two-backbone pair (eager) and a stacked LoRA pair (compiled), and
+with a draft model (the base model drafting for the two-backbone pair), run the requests of the
+non-speculative checks (tests/engine_checks.py): greedy generations equal the float64
 reference of the rule token for token (so they equal the non-speculative engine's), sampled tokens have
 the reference's log q as their logprobs, allowed-token masks reach both streams, and the joint
 distribution of the first three tokens, on a prompt where the drafter proposes the model's own likely
@@ -72,34 +73,37 @@ def spec_batches(prompt):
 
 @pytest.fixture(scope="module")
 def references(hf_models, tmp_path_factory, toy_pairs):
-    """{path: ((rl, base) float64 models, engine "pair" argument)}: the two-backbone pair and a LoRA child
-    of its base (the stacked path), whose RL model is PEFT's merge."""
+    """{run: ((rl, base) float64 models, engine "pair" argument)}: the two-backbone pair (drafted by n-gram
+    and by a draft model) and a LoRA child of its base (the stacked path), whose RL model is PEFT's merge."""
     from transformers import AutoModelForCausalLM
 
     base, rl = toy_pairs["qwen2"]
     adapter, merged = build_lora_child(base, tmp_path_factory.mktemp("lora") / "child", seed=5)
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float64).eval()
     return {"two-backbone": (hf_models["qwen2"], [str(rl), str(base)]),
-            "stacked": ((merged_model, hf_models["qwen2"][1]), [str(adapter), str(base)])}
+            "stacked": ((merged_model, hf_models["qwen2"][1]), [str(adapter), str(base)]),
+            "draft-model": (hf_models["qwen2"], [str(rl), str(base)])}
 
 
 @pytest.fixture(scope="module")
 def runs(references, toy_pairs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("speculative")
-    out = {}
-    for path, (models, pair) in references.items():
-        prompt = joint_prompt(models)
-        out[path] = run_engine({"pair": pair, "batches": spec_batches(prompt), "speculative_config": NGRAM,
-                                "eager": path == "two-backbone"}, tmp)
-        out[path]["prompt"] = prompt
     base, rl = toy_pairs["qwen2"]
+    draft_model = {"method": "draft_model", "model": str(base), "num_speculative_tokens": 3}
+    out = {}
+    for path, speculative_config in (("two-backbone", NGRAM), ("stacked", NGRAM), ("draft-model", draft_model)):
+        models, pair = references[path]
+        prompt = joint_prompt(models)
+        out[path] = run_engine({"pair": pair, "batches": spec_batches(prompt), "speculative_config": speculative_config,
+                                "eager": path != "stacked"}, tmp)
+        out[path]["prompt"] = prompt
     for engine, model in (("rl", rl), ("base", base)):
         out[f"{engine}_alone"] = run_engine(
             {"model": str(model), "batches": [checks.passthrough_batch(engine)], "speculative_config": NGRAM}, tmp)
     return out
 
 
-PATHS = ["two-backbone", "stacked"]
+PATHS = ["two-backbone", "stacked", "draft-model"]
 
 
 @pytest.mark.parametrize("path", PATHS)
