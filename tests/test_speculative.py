@@ -6,7 +6,7 @@ non-speculative checks (tests/engine_checks.py): greedy generations equal the fl
 reference of the rule token for token (so they equal the non-speculative engine's), sampled tokens have
 the reference's log q as their logprobs, allowed-token masks reach both streams, and the joint
 distribution of the first three tokens, on a prompt where the drafter proposes the model's own likely
-continuation, matches the reference (chi-square). `:rl` / `:base` equal vLLM serving each model alone
+continuation, matches the reference (chi-square), and prompts are scored per name. `:rl` / `:base` equal vLLM serving each model alone
 with the same speculation (the same tokens and logprob floats). Drafts were proposed, accepted and
 rejected in every run (vLLM's counters).
 
@@ -65,10 +65,11 @@ def joint_batch(prompt):
 
 def spec_batches(prompt):
     """greedy settings, sampled settings, allowed tokens, joint distribution (and the rule's greedy
-    continuation of its prompt), presets"""
+    continuation of its prompt), prompt scoring per name beside generating requests, presets (last)"""
     batches = checks.pair_batches()
     repeat = {"prompt_ids": prompt, "params": checks.greedy(checks.xargs(*JOINT[:4]))}
-    return [batches[0], batches[1], allowed_batch(), joint_batch(prompt) + [repeat], checks.passthrough_batch("pair")]
+    return [batches[0], batches[1], allowed_batch(), joint_batch(prompt) + [repeat], checks.scoring_batch(),
+            checks.passthrough_batch("pair")]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,11 @@ def test_allowed_tokens_reach_both_streams(runs, references, path):
     allowed[checks.ALLOWED] = 0.0
     got = runs[path]["results"][2][0][0]["token_ids"]
     assert got == checks.reference_greedy(references[path][0], checks.PROMPTS[1], settings(0.5, -0.3, "base", 0), allowed)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prompt_scoring_per_name(runs, references, path):
+    checks.check_scoring(runs[path]["results"][4], references[path][0])
 
 
 def test_presets_verify_against_their_own_model(runs):
