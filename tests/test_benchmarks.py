@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end (shrunk): the GPU check under the Triton interpreter."""
+"""The benchmark scripts run end to end (shrunk): the GPU check under the Triton interpreter, the on-paper
+estimate of speculative decoding's bytes per token."""
 
 import json
 import os
@@ -72,3 +73,19 @@ def test_hf_generate_steps_are_the_rule_on_the_unpadded_prefix(toy_pairs, monkey
     assert extrapolated > 0  # the settings exercise the rule, not only the proposal
     generated = torch.tensor([r["ids"] for r in records])
     assert torch.equal(steps[-1][0][:, width:], generated[:, :-1])
+
+
+def test_spec_bytes_estimate(tmp_path):
+    """The on-paper table: speculation divides each system's bytes per token by the accepted length, and the
+    two-backbone pair at an accepted length of 2 reads what one model reads without speculation."""
+    out = tmp_path / "bytes.json"
+    proc = subprocess.run([sys.executable, "benchmarks/spec_bytes_estimate.py", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["system"], r["batch"], r["accepted_length"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 27
+    for (system, batch, length), row in rows.items():
+        assert abs(row["gb_per_token"] * length / rows[(system, batch, 1)]["gb_per_token"] - 1) < 1e-12
+    for batch in (1, 8, 32):
+        assert abs(rows[("rlvrx, two backbones", batch, 2)]["ratio_to_one_model_no_spec"] - 1) < 1e-12
+        assert rows[("rlvrx, stacked LoRA", batch, 1)]["ratio_to_one_model_no_spec"] > 0.5
