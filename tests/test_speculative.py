@@ -8,7 +8,7 @@ the reference's log q as their logprobs, allowed-token masks reach both streams,
 distribution of the first three tokens, on a prompt where the drafter proposes the model's own likely
 continuation, matches the reference (chi-square), and prompts are scored per name. `:rl` / `:base` equal vLLM serving each model alone
 with the same speculation (the same tokens and logprob floats). Drafts were proposed, accepted and
-rejected in every run (vLLM's counters).
+rejected in every run (vLLM's counters). Tensor parallelism (TP 2) serves the rule with speculation too.
 
 `rlvrx serve --speculative-config` serves the same through the API: a greedy completion equals the
 reference with usage counting the extrapolated positions of kept tokens only, streamed or not; chat
@@ -130,6 +130,16 @@ def test_allowed_tokens_reach_both_streams(runs, references, path):
     allowed[checks.ALLOWED] = 0.0
     got = runs[path]["results"][2][0][0]["token_ids"]
     assert got == checks.reference_greedy(references[path][0], checks.PROMPTS[1], settings(0.5, -0.3, "base", 0), allowed)
+
+
+def test_tensor_parallel(references, tmp_path):
+    """TP 2 (two CPU workers, each combining and verifying the same rows): what TP 1 serves."""
+    models, pair = references["two-backbone"]
+    run = run_engine({"pair": pair, "batches": checks.pair_batches()[:2], "speculative_config": NGRAM,
+                      "tensor_parallel_size": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}, tmp_path)
+    assert run["spec"]["vllm:spec_decode_num_draft_tokens"] > 0
+    checks.check_greedy(run["results"], models)
+    checks.check_sampled(run["results"], models)
 
 
 @pytest.mark.parametrize("path", PATHS)
