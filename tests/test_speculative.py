@@ -11,7 +11,8 @@ with the same speculation (the same tokens and logprob floats). Drafts were prop
 rejected in every run (vLLM's counters). Tensor parallelism (TP 2) serves the rule with speculation too.
 
 `rlvrx serve --speculative-config` serves the same through the API: a greedy completion equals the
-reference with usage counting the extrapolated positions of kept tokens only, streamed or not; chat
+reference with usage counting the extrapolated positions of kept tokens only, streamed or not, and a
+sampled one reports log q and the sum of M over its kept positions; chat
 works; /metrics counts draft and accepted tokens per preset, by exactly what the engine kept; vLLM's
 refusal of logit_bias under speculation is a 400 naming it.
 """
@@ -218,6 +219,15 @@ def test_served_with_speculation(spec_server, runs, references):
                                             stream_options={"include_usage": True}, extra_body=body))
     assert [t for c in chunks if c.choices for t in c.choices[0].token_ids] == expected
     assert [c.usage for c in chunks if c.usage][-1].model_extra["extrapolated_tokens"] == flagged
+    sampled = client.completions.create(model="toy", prompt=prompt, max_tokens=16, temperature=0.7, top_p=0.9, seed=4,
+                                        logprobs=1, extra_body=body)
+    s_sampled, expected_m, ids = settings(0.5, -0.2, "base", 20, 0.7, 0.9), 0.0, list(prompt)
+    for token, logprob in zip(sampled.choices[0].token_ids, sampled.choices[0].logprobs.token_logprobs):
+        a, b = next_logits(models, ids)
+        expected_m += ref.extrapolation_probability(a, b, s_sampled)
+        assert logprob == pytest.approx(math.log(ref.two_stage_distribution(a, b, s_sampled)[token]), abs=2e-3)
+        ids.append(token)
+    assert sampled.usage.model_extra["extrapolated_tokens"] == pytest.approx(expected_m, abs=1e-3)
     rl = client.completions.create(model="toy:rl", prompt=prompt, max_tokens=16, temperature=0, extra_body=body)
     after = scrape(spec_server)
     for preset in ("extrapolated", "rl"):
