@@ -20,6 +20,7 @@ at the next step the rows whose token vLLM kept are settled for the metrics (`se
 device values reach the host without blocking the step (`server.engine.host_reads`).
 """
 
+import functools
 import math
 import os
 import time
@@ -69,6 +70,13 @@ class RowLayout:
 
     requests: tuple[int, ...]  # batch index of each row's request
     offsets: tuple[int, ...]  # each row's output position past the request's current output
+
+
+@functools.lru_cache(maxsize=64)
+def plain_layout(num_rows: int) -> RowLayout:
+    """Row i is request i at offset 0. Cached: the per-step check that the plan still fits compares
+    the same object, not two tuples of the batch's length."""
+    return RowLayout(tuple(range(num_rows)), (0,) * num_rows)
 
 
 @dataclass(frozen=True)
@@ -228,8 +236,7 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        n = logits.shape[0]
-        return self.apply_rows(logits, RowLayout(tuple(range(n)), (0,) * n))
+        return self.apply_rows(logits, plain_layout(logits.shape[0]))
 
     def apply_rows(self, logits: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         """`apply` for logits rows laid out as `layout` says."""
