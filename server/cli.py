@@ -5,7 +5,8 @@ adapter of its base, tools/lora_extract.py).
 `rlvrx serve --rl PATH --base PATH [--gamma G --tau T --generator base|rl --candidates K]
 [any vLLM serve flag]` checks the pair, then starts vLLM's OpenAI server with the
 wrapper architecture, the extrapolating logits processor, processed logprobs, our
-middleware, and three served names: `<name>`, `<name>:rl`, `<name>:base`.
+middleware, and three served names: `<name>`, `<name>:rl`, `<name>:base`. With
+`--lora-modules NAME=ADAPTER ...` in place of `--rl`, each adapter of the base gets its three.
 """
 
 import argparse
@@ -44,7 +45,11 @@ def our_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlvrx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", allow_abbrev=False, help="serve a base/RL pair through the OpenAI API (other flags go to vLLM)")
-    serve.add_argument("--rl", required=True, help="path of the RLVR-trained checkpoint (its tokenizer and chat template are used)")
+    serve.add_argument("--rl", help="path of the RLVR-trained checkpoint, or of its LoRA adapter directory (its "
+                                    "tokenizer and chat template are used)")
+    serve.add_argument("--lora-modules", nargs="+", type=lora_module_arg, metavar="NAME=ADAPTER",
+                       help="several LoRA adapters of --base, each served as NAME, NAME:rl and NAME:base (vLLM's "
+                            "convention; also '{\"name\": ..., \"path\": ...}'); the first is the default")
     serve.add_argument("--base", required=True, help="path of the base checkpoint")
     defaults = settings_mod.Extrapolation()
     serve.add_argument("--gamma", type=float, default=defaults.gamma, help="default extrapolation strength γ")
@@ -101,6 +106,38 @@ def our_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def lora_module_arg(text: str) -> tuple[str, str]:
+    """NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            found = json.loads(text)
+            name, path = found["name"], found["path"]
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"not a JSON object with 'name' and 'path': {text!r}") from None
+    else:
+        name, _, path = text.partition("=")
+    if not name or not path or ":" in name:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH with a NAME without ':', got {text!r}")
+    return name, path
+
+
+def served_adapters(ours: argparse.Namespace, name: str | None) -> dict[str, str] | None:
+    """{served name: adapter directory} of a stacked engine, from --lora-modules or an adapter --rl;
+    None for two full checkpoints."""
+    from rlvrx.server.engine.adapter import is_adapter_dir
+
+    if (ours.rl is None) == (ours.lora_modules is None):
+        fail("give either --rl (one RL model or adapter) or --lora-modules (several adapters)")
+    if ours.lora_modules is None:
+        return {name or Path(ours.rl).resolve().name: ours.rl} if is_adapter_dir(ours.rl) else None
+    if name is not None:
+        fail("--served-model-name: with --lora-modules each adapter is served under its own name")
+    adapters = dict(ours.lora_modules)
+    if len(adapters) < len(ours.lora_modules):
+        fail("--lora-modules: two adapters have the same name")
+    return adapters
+
+
 def rank_arg(text: str) -> int | str:
     if text == "full":
         return text
@@ -154,11 +191,8 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
         defaults = settings_mod.parse(
             {"gamma": ours.gamma, "tau": tau_arg(ours.tau), "generator": ours.generator, "candidates": ours.candidates}
         )
-        pair = engine_kwargs(ours.rl, ours.base)
     except settings_mod.SettingsError as exc:
         fail(f"--{exc.field}: {exc}")
-    except PairError as exc:
-        fail(str(exc))
 
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
@@ -181,15 +215,19 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     if args.pipeline_parallel_size > 1:
         fail("--pipeline-parallel-size must be 1: the pair's wrapper model has no pipeline stages "
              "(use --tensor-parallel-size)")
+    adapters = served_adapters(ours, (args.served_model_name or [None])[0])
     try:
-        check_serving_flags(ours.rl, ours.base, prompt_embeds=args.enable_prompt_embeds, quantization=args.quantization)
+        check_serving_flags(ours.rl, ours.base, adapters, prompt_embeds=args.enable_prompt_embeds,
+                            quantization=args.quantization)
+        pair = engine_kwargs(ours.rl, ours.base, adapters)
     except PairError as exc:
         fail(str(exc))
     check_listen_address(args)
     for key, value in pair.items():
         setattr(args, key, value)
-    name = (args.served_model_name or [Path(ours.rl).resolve().name])[0]
-    args.served_model_name = [name, f"{name}:rl", f"{name}:base"]
+    names = list(adapters) if adapters else [(args.served_model_name or [Path(ours.rl).resolve().name])[0]]
+    name = names[0]
+    args.served_model_name = [served for n in names for served in (n, f"{n}:rl", f"{n}:base")]
     args.middleware = [*args.middleware, *MIDDLEWARE]
     validate_parsed_serve_args(args)
     settings_mod.set_server_defaults(defaults)
@@ -198,11 +236,13 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     stats = StatsTable.create()
     os.environ[STATS_ENV] = stats.path  # the one table the engine writes to (its processes inherit this)
     args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name,
+                           adapters=pair["hf_overrides"].get("rlvrx_adapters", {}),
                            protect_metrics=ours.protect_metrics, max_n=ours.max_n,
                            allow_custom_roles=ours.allow_custom_roles)
     tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")
-    print(f"rlvrx: serving {name} (extrapolated: gamma={defaults.gamma} tau={tau} generator={defaults.generator} "
-          f"candidates={defaults.candidates}), {name}:rl and {name}:base", file=sys.stderr)
+    print(f"rlvrx: serving {', '.join(names)} (extrapolated: gamma={defaults.gamma} tau={tau} "
+          f"generator={defaults.generator} candidates={defaults.candidates}), with :rl and :base of each",
+          file=sys.stderr)
     try:
         uvloop.run(run_server(args))
     except (ValueError, RuntimeError) as exc:  # vLLM's config checks (pydantic's ValidationError is a ValueError)

@@ -92,18 +92,17 @@ def free_port() -> int:
 
 def start_server(pair, log_path: Path, extra_env: dict | None = None, extra_args: tuple = (),
                  new_session: bool = False):
-    """Start `rlvrx serve` on a toy pair (in a process group of its own with `new_session`);
-    return (process, base_url) once /health answers."""
+    """Start `rlvrx serve` on a toy pair (None: the models are in `extra_args`; in a process group of
+    its own with `new_session`); return (process, base_url) once /health answers."""
     import time
     import urllib.request
 
-    base, rl = pair
+    models = ["--rl", str(pair[1]), "--base", str(pair[0]), "--served-model-name", "toy"] if pair else []
     port = free_port()
     log = log_path.open("w")
     env = child_env(VLLM_CPU_KVCACHE_SPACE="1", **(extra_env or {}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlvrx.server.cli", "serve", "--rl", str(rl), "--base", str(base),
-         "--served-model-name", "toy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        [sys.executable, "-m", "rlvrx.server.cli", "serve", *models, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--enforce-eager", "--max-model-len", "512", "--seed", "0", "--max-num-seqs", "32", *extra_args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
     )

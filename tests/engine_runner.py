@@ -4,7 +4,7 @@ Tests start several engines (the pair, the RL model alone, the base model alone)
 gets its own process so that vLLM's per-process state never leaks between them.
 
 Usage: python tests/engine_runner.py SPEC.json  →  JSON on the last line of stdout.
-SPEC: {"pair": [rl, base]} or {"model": path}, and "batches": a list of lists of
+SPEC: {"pair": [rl, base]}, {"base": path, "adapters": {name: adapter directory}} or {"model": path}, and "batches": a list of lists of
 requests {"prompt_ids": [...], "params": {SamplingParams fields}}; each inner list is
 submitted in one `generate` call; a request with "prompt_embeds_file" (a torch.save'd
 [n, hidden] tensor) in place of "prompt_ids" gives its prompt as embeddings. Optional: "eager"
@@ -13,7 +13,8 @@ submitted in one `generate` call; a request with "prompt_embeds_file" (a torch.s
 (default false: vLLM's enable_prompt_embeds), "speculative_config" (vLLM's, e.g. ngram), "env"
 (variables set before vLLM is imported).
 A request with `prompt_logprobs` gets them in its result, position 0 (which has none) left out.
-With a speculative config the last line is {"results": ..., "spec": {draft and accepted token counts}}.
+With a speculative config the last line is {"results": ..., "spec": {draft and accepted token counts}}; with
+"prefix_caching" (default false) {"results": ..., "prefix_cache_hits": tokens found in the cache}.
 """
 
 import json
@@ -53,6 +54,8 @@ def main() -> None:
 
     if "pair" in spec:
         kwargs = engine_kwargs(*spec["pair"])
+    elif "adapters" in spec:
+        kwargs = engine_kwargs(None, spec["base"], spec["adapters"])
     else:
         kwargs = {"model": spec["model"], "logprobs_mode": "processed_logprobs"}
     llm = LLM(**kwargs, dtype="float32", enforce_eager=spec.get("eager", True), max_model_len=512, seed=0,
@@ -61,7 +64,7 @@ def main() -> None:
               max_num_batched_tokens=spec.get("max_num_batched_tokens"),
               enable_prompt_embeds=spec.get("prompt_embeds", False),
               speculative_config=spec.get("speculative_config"),
-              disable_log_stats=not spec.get("speculative_config"))
+              disable_log_stats=not (spec.get("speculative_config") or spec.get("prefix_caching")))
     results = []
     for batch in spec["batches"]:
         prompts = [EmbedsPrompt(prompt_embeds=torch.load(r["prompt_embeds_file"])) if "prompt_embeds_file" in r
@@ -84,6 +87,9 @@ def main() -> None:
         counters = {m.name: getattr(m, "value", None) or getattr(m, "values", None) for m in llm.get_metrics()
                     if m.name.startswith("vllm:spec_decode_num")}
         results = {"results": results, "spec": counters}
+    elif spec.get("prefix_caching"):
+        hits = sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+        results = {"results": results, "prefix_cache_hits": hits}
     print("\n" + json.dumps(results), file=results_out, flush=True)
 
 

@@ -4,7 +4,8 @@ vLLM fills the sampling fields a request leaves unset (temperature, top_p, top_k
 penalties, max_tokens) from the RL model's generation_config.json (`--generation-config auto`,
 its default): the engine's model on the two-backbone path, the adapter's file on the stacked path
 (server.engine.adapter_generation_config). That is what `<name>` and `<name>:rl` should get:
-what vLLM serving the RL model would do. `<name>:base` gets the base model's instead:
+what vLLM serving the RL model would do. `<name>:base` gets the base model's instead, and the names
+of a stacked engine's other adapters (`--lora-modules`) their own:
 `fill_unset` writes those that differ into its requests before vLLM reads them, with vLLM's
 neutral value for a field only the RL model has a default for. `--generation-config` and
 `--override-generation-config` apply to both models alike.
@@ -12,6 +13,7 @@ neutral value for a field only the RL model has a default for. `--generation-con
 
 import copy
 import functools
+from pathlib import Path
 from typing import Any
 
 from vllm import SamplingParams
@@ -25,12 +27,25 @@ RENAMED = {"/v1/responses": {"max_tokens": "max_output_tokens"}}
 
 def base_defaults(model_config: ModelConfig) -> dict[str, Any]:
     """The sampling defaults of `:base` requests that differ from those vLLM applies (the RL
-    model's): vLLM's own reading (`ModelConfig.get_diff_sampling_param`) of the base model's
-    generation config under the engine's flags, over vLLM's neutral values."""
-    base = copy.copy(model_config)
-    if base.generation_config == "auto":  # the base model's own file, where vLLM reads the RL model's
-        base.generation_config = getattr(model_config.hf_config, "rlvrx_base_path", model_config.model)
-    own, applied = base.get_diff_sampling_param(), model_config.get_diff_sampling_param()
+    model's): the base model's generation config."""
+    return defaults_of(model_config, getattr(model_config.hf_config, "rlvrx_base_path", model_config.model))
+
+
+def adapter_defaults(model_config: ModelConfig, adapter_dir: str) -> dict[str, Any]:
+    """Those of a stacked engine's adapter other than the first (whose file vLLM reads): its own
+    generation_config.json, else the base's, as for the first (server.engine.adapter_generation_config)."""
+    own = Path(adapter_dir) / "generation_config.json"
+    return defaults_of(model_config, adapter_dir if own.is_file() else model_config.model)
+
+
+def defaults_of(model_config: ModelConfig, directory: str) -> dict[str, Any]:
+    """The sampling defaults that differ from those vLLM applies: vLLM's own reading
+    (`ModelConfig.get_diff_sampling_param`) of the generation config in `directory` under the
+    engine's flags, over vLLM's neutral values."""
+    other = copy.copy(model_config)
+    if other.generation_config == "auto":  # that model's own file, where vLLM reads the default RL model's
+        other.generation_config = directory
+    own, applied = other.get_diff_sampling_param(), model_config.get_diff_sampling_param()
     # max_tokens = the whole window is what vLLM does without a default (it caps it at what is left).
     neutral = SamplingParams(max_tokens=model_config.max_model_len)
     values = {k: own.get(k, getattr(neutral, k)) for k in sorted(own.keys() | applied.keys())}

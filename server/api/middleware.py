@@ -38,7 +38,7 @@ import asyncio
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette._utils import get_route_path
@@ -77,6 +77,7 @@ class ApiConfig:
     protect_metrics: bool = False  # /metrics needs the API key too
     max_n: int = 256  # most choices (`n`) one request may ask for
     allow_custom_roles: bool = False  # chat roles beyond CHAT_ROLES go to the chat template
+    adapters: dict[str, str] = field(default_factory=dict)  # a stacked engine's {served name: adapter directory}
 
 
 @functools.cache
@@ -193,7 +194,11 @@ def request_settings(payload: dict[str, Any], config: ApiConfig) -> settings_mod
         for suffix, preset in PRESET_SUFFIXES.items():
             if model.endswith(suffix):
                 values["preset"] = preset
-    return settings_mod.parse(values, config.defaults, vocab_size=config.vocab_size)
+                model = model[:-len(suffix)]
+        if model in config.adapters:
+            values["adapter"] = model
+    found = settings_mod.parse(values, config.defaults, vocab_size=config.vocab_size)
+    return settings_mod.check_adapters(found, settings_mod.served_adapters())
 
 
 class ExtrapolationMiddleware:
@@ -202,6 +207,7 @@ class ExtrapolationMiddleware:
         self.stats: stats_mod.StatsTable | None = None
         self.auth: AuthenticationMiddleware | None = None
         self.base_sampling: dict[str, Any] | None = None  # `:base` requests' generation defaults
+        self.adapter_sampling: dict[str, dict[str, Any]] = {}  # those of adapters but the first, by name
 
     def authorized(self, scope, config: ApiConfig) -> bool:
         """The API-key check (vLLM's, reused) on every route but /health and /metrics (unless
@@ -229,6 +235,9 @@ class ExtrapolationMiddleware:
         if not self.authorized(scope, config):
             message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
             return await send_json(send, 401, error_body(message, None, 401, "AuthenticationError"))
+        if scope["method"] == "GET" and config.adapters and get_route_path(scope) == "/v1/models":
+            args = scope["app"].state.args
+            return await self.app(scope, receive, JsonBodyEditor(send, lambda data: adapter_cards(data, config, args)))
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         # The path Starlette's router matches: without --root-path's prefix
@@ -249,22 +258,30 @@ class ExtrapolationMiddleware:
             if path in ROUTES:
                 check_request(payload, path, config)
             found = request_settings(payload, config)
-            if path in DEFAULTS_ONLY_ROUTES and found != config.defaults:
+            first = next(iter(config.adapters), "")
+            if path in DEFAULTS_ONLY_ROUTES and replace(found, adapter=found.adapter or first) != replace(
+                    config.defaults, adapter=first):
                 field = next((f for f in settings_mod.FIELDS if getattr(found, f) != getattr(config.defaults, f)), "model")
                 raise settings_mod.SettingsError(field, f"'{field}': {path} passes no extrapolation settings to the "
-                                                        "engine (only the server's defaults and the plain served name)")
-            if found.passthrough == "base":  # vLLM would apply the RL model's generation config
+                                                        "engine (only the server's defaults and the first served name)")
+            # vLLM applies the default RL model's generation config: other models get their own
+            if found.passthrough == "base":
                 if self.base_sampling is None:
                     self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
                 generation.fill_unset(payload, path, self.base_sampling)
+            elif found.adapter and found.adapter != first:
+                if found.adapter not in self.adapter_sampling:
+                    self.adapter_sampling[found.adapter] = generation.adapter_defaults(
+                        scope["app"].state.vllm_config.model_config, config.adapters[found.adapter])
+                generation.fill_unset(payload, path, self.adapter_sampling[found.adapter])
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
+        labels = (found.adapter or config.served_name, found.label)
         if path not in ROUTES:
-            metrics.observe_request(config.served_name, found.label, found)
+            metrics.observe_request(*labels, found)
             if path in SETTINGS_ROUTES:
                 payload["vllm_xargs"] = {**(payload.get("vllm_xargs") or {}), **found.as_xargs()}
             return await self.app(scope, replay(json.dumps(payload).encode(), receive), send)
-        labels = (config.served_name, found.label)
         metrics.observe_request(*labels, found)
         if self.stats is None:
             self.stats = stats_mod.StatsTable(config.stats_path)
@@ -278,6 +295,46 @@ class ExtrapolationMiddleware:
             await self.app(scope, replay(json.dumps(payload).encode(), receive), rewriter)
         finally:
             self.stats.release(slot)
+
+
+def adapter_cards(data: Any, config: ApiConfig, args) -> None:
+    """/v1/models of a stacked engine: each name's root is its adapter's directory and its parent the
+    base (vLLM's convention for LoRA adapters; vLLM would give every name the base as its root)."""
+    for card in data.get("data", []) if isinstance(data, dict) else ():
+        name = card.get("id", "")
+        for suffix in PRESET_SUFFIXES:
+            name = name.removesuffix(suffix)
+        if name in config.adapters:
+            card["root"], card["parent"] = config.adapters[name], args.model
+
+
+class JsonBodyEditor:
+    """Wraps `send`: holds a JSON response until its body is complete and lets `edit` change it."""
+
+    def __init__(self, send, edit):
+        self.send, self.edit = send, edit
+        self.start: dict | None = None
+        self.buffer = b""
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.start = message
+            return None
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        self.buffer += message.get("body", b"")
+        if message.get("more_body"):
+            return None
+        body = self.buffer
+        try:
+            data = json.loads(body)
+            self.edit(data)
+            body = json.dumps(data).encode()
+        except ValueError:
+            pass
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await self.send({"type": "http.response.body", "body": body})
 
 
 def without_private_keys(body: bytes) -> bytes:

@@ -23,6 +23,10 @@ DESCRIPTIONS = {
     "candidates": "k: an extrapolated token is drawn from the generator's top-k tokens by raw logit "
                   "(0 = the whole vocabulary).",
     "selection": "What flags a position for extrapolation: delta_logp (the paper's rule), entropy or random.",
+    "base_adapter": "Stacked LoRA engines: a served adapter (an earlier checkpoint of the same run) to stand for the "
+                    "base model, so that Δlog p = log π_<model> − log π_<base_adapter>; \"\" is the base itself.",
+    "lora_scale": "Stacked LoRA engines: the scale of the RL adapter's delta, W + lora_scale·s·B·A (1 + α is "
+                  "weight-space extrapolation); with <name>:rl it serves that model alone.",
 }
 
 
@@ -36,9 +40,12 @@ def field_schemas(defaults: settings_mod.Extrapolation, vocab_size: int) -> dict
         "generator": {"type": "string", "enum": list(settings_mod.GENERATORS)},
         "candidates": {"type": "integer", "minimum": 0, "maximum": vocab_size},
         "selection": {"type": "string", "enum": list(settings_mod.SELECTIONS)},
+        "base_adapter": {"type": "string"},
+        "lora_scale": {"type": "number", "minimum": settings_mod.LORA_SCALE_RANGE[0],
+                       "maximum": settings_mod.LORA_SCALE_RANGE[1]},
     }
     default = defaults.as_xargs()
-    return {field: {**types[field], "title": field.capitalize(), "description": DESCRIPTIONS[field],
+    return {field: {**types[field], "title": field.replace("_", " ").capitalize(), "description": DESCRIPTIONS[field],
                     "default": default[field]} for field in settings_mod.FIELDS}
 
 

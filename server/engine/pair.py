@@ -5,8 +5,11 @@ wrapper architecture, the logits processor and the logprobs mode are set in one 
 """
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from rlvrx.server.engine import settings
 
 ARCHITECTURE = "RLVRExtrapolationForCausalLM"
 STACKED_ARCHITECTURE = "RLVRStackedLoraForCausalLM"  # base + LoRA adapter on one backbone
@@ -101,14 +104,16 @@ def check_adapter_pair(adapter_path: str, base_path: str) -> str:
     return architecture
 
 
-def check_serving_flags(rl_path: str, base_path: str, *, prompt_embeds: bool, quantization: str | None) -> None:
+def check_serving_flags(rl_path: str | None, base_path: str, adapters: Mapping[str, str] | None = None, *,
+                        prompt_embeds: bool, quantization: str | None) -> None:
     """Raise PairError for vLLM flags under which the engine would serve the pair as models it is not:
     embeddings given by the caller where the two models embed differently (with prompt embeddings on,
     vLLM embeds every prompt with the base's embedding layer), and quantizing the stacked model, whose
-    layers stay unquantized."""
+    layers stay unquantized. `adapters`: the stacked engine's, when not just `rl_path`."""
     from rlvrx.server.engine.adapter import check_prompt_embeds, is_adapter_dir, read_adapter
 
-    if not is_adapter_dir(rl_path):
+    adapters = adapters or ({"": rl_path} if is_adapter_dir(rl_path) else None)
+    if not adapters:
         if prompt_embeds:
             raise PairError("--enable-prompt-embeds: the two models embed token ids differently, so embeddings "
                             "given by the caller cannot stand for both; serve without it")
@@ -117,26 +122,52 @@ def check_serving_flags(rl_path: str, base_path: str, *, prompt_embeds: bool, qu
         raise PairError(f"--quantization {quantization}: the stacked LoRA model is served unquantized; serve "
                         "without it, or merge the adapter (peft's merge_and_unload) and pass that as --rl")
     if prompt_embeds:
-        check_prompt_embeds(read_adapter(rl_path, read_config(base_path, "base")), rl_path)
+        for path in adapters.values():
+            check_prompt_embeds(read_adapter(path, read_config(base_path, "base")), path)
 
 
-def engine_kwargs(rl_path: str, base_path: str) -> dict[str, Any]:
+def check_adapters(adapters: Mapping[str, str], base_path: str) -> tuple[str, bool]:
+    """Raise PairError unless every adapter can be served on the base, and several adapters together;
+    return the base's architecture and whether every adapter is LoRA on the projections only."""
+    from rlvrx.server.engine.adapter import read_adapter
+
+    architectures = {check_adapter_pair(path, base_path) for path in adapters.values()}
+    base = read_config(base_path, "base")
+    own_tensors = [name for name, path in adapters.items() if read_adapter(path, base).rl.names]
+    if len(adapters) > 1 and own_tensors:
+        raise PairError(f"adapter {own_tensors[0]!r} also changes embeddings, norms, biases or the output head, "
+                        "which several adapters cannot share one engine with: serve it alone, or merge it "
+                        "(peft's merge_and_unload) and serve the merged model as --rl")
+    return architectures.pop(), not own_tensors
+
+
+def engine_kwargs(rl_path: str | None, base_path: str, adapters: Mapping[str, str] | None = None) -> dict[str, Any]:
     """vLLM engine arguments (as `LLM(**kw)` / `AsyncEngineArgs(**kw)`) for the pair: the stacked
-    model when `rl_path` is a LoRA adapter directory of the base, else the two-backbone model."""
+    model when `rl_path` is a LoRA adapter directory of the base, or `adapters` ({name: adapter
+    directory}, the first the default) are given; else the two-backbone model. Also tells admission
+    (settings.set_served_adapters, in this process) which adapters requests may name."""
     from rlvrx.server.engine.adapter import has_tokenizer, is_adapter_dir
 
     processing = {"logits_processors": [PROCESSOR], "logprobs_mode": "processed_logprobs"}
-    if is_adapter_dir(rl_path):
+    if adapters is None and is_adapter_dir(rl_path):
+        adapters = {Path(rl_path).resolve().name: rl_path}
+    if adapters:
+        adapters = {name: str(Path(path).resolve()) for name, path in adapters.items()}
+        architecture, scalable = check_adapters(adapters, base_path)
+        settings.set_served_adapters(settings.ServedAdapters(tuple(adapters), scalable))
+        first = next(iter(adapters.values()))
         return {
             "model": base_path,
-            "tokenizer": rl_path if has_tokenizer(rl_path) else base_path,
+            "tokenizer": first if has_tokenizer(first) else base_path,
             "hf_overrides": {
                 "architectures": [STACKED_ARCHITECTURE],
-                "rlvrx_inner_architecture": check_adapter_pair(rl_path, base_path),
-                "rlvrx_adapter_path": str(Path(rl_path).resolve()),
+                "rlvrx_inner_architecture": architecture,
+                "rlvrx_adapter_path": first,
+                "rlvrx_adapters": adapters,
             },
             **processing,
         }
+    settings.set_served_adapters(settings.ServedAdapters())
     inner = check_pair(rl_path, base_path)
     check_supported(inner)
     return {

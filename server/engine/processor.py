@@ -160,6 +160,10 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         over temperature and top-p."""
         check_private(params.extra_args or {})
         found = read_settings(params, settings_mod.server_defaults())
+        try:
+            found = settings_mod.check_adapters(found, settings_mod.served_adapters())
+        except settings_mod.SettingsError as exc:
+            raise VLLMValidationError(str(exc), parameter=exc.field) from None
         args = {**(params.extra_args or {}), **found.as_xargs()}
         if found.passthrough is None and TEMPERATURE_KEY not in args:
             args.update({TEMPERATURE_KEY: params.temperature, TOP_P_KEY: params.top_p,
@@ -313,34 +317,41 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         step, self.sampled = self.sampled, None
         if step is None:
             return
-        picked_rows, picked_tokens, unslotted = [], [], []
+        picked_rows, picked_tokens, picked_names, unslotted, unslotted_names = [], [], [], [], []
         for state, length, offset, pos in zip(step.states, step.positions, step.offsets, step.ext_position):
+            name = self.name_of(state)
             # Rows 1..n of a request with n drafts (speculative decoding): row j is kept iff draft j was accepted.
             if offset:
-                metrics.DRAFT_TOKENS.labels(self.model_name, state.settings.label).inc()
+                metrics.DRAFT_TOKENS.labels(name, state.settings.label).inc()
             if len(state.output_ids) <= length:
                 continue
             if offset:
-                metrics.ACCEPTED_DRAFT_TOKENS.labels(self.model_name, state.settings.label).inc()
+                metrics.ACCEPTED_DRAFT_TOKENS.labels(name, state.settings.label).inc()
             if state.stats_slot is None:
-                metrics.GENERATED_TOKENS.labels(self.model_name, state.settings.label).inc()
+                metrics.GENERATED_TOKENS.labels(name, state.settings.label).inc()
                 if pos is not None:
                     unslotted.append(pos)
+                    unslotted_names.append(name)
             if pos is not None and 0 <= (token := state.output_ids[length]) < step.delta.shape[1]:
                 picked_rows.append(pos)
                 picked_tokens.append(token)
+                picked_names.append(name)
         if not picked_rows and not unslotted:
             return
         index = lambda values: to_device(values, torch.int64, step.delta.device)  # noqa: E731
         rows, tokens = index(picked_rows), index(picked_tokens)
-        self.reads.submit([step.prob[index(unslotted)], step.delta[rows, tokens]], self.observe)
+        self.reads.submit([step.prob[index(unslotted)], step.delta[rows, tokens]],
+                          functools.partial(self.observe, unslotted_names, picked_names))
 
-    def observe(self, values: list[list[float]]) -> None:
+    def name_of(self, state: RowState) -> str:
+        """The `model_name` label of a row: its adapter's served name, else the engine's."""
+        return state.settings.adapter or self.model_name
+
+    def observe(self, unslotted_names: list[str], picked_names: list[str], values: list[list[float]]) -> None:
         """Metrics from device values: M of kept rows without a slot, Δlog p of kept tokens."""
         unslotted_prob, delta = values
-        if unslotted_prob:
-            metrics.EXTRAPOLATED_TOKENS.labels(self.model_name, "extrapolated").inc(sum(unslotted_prob))
-        histogram = metrics.DELTA_LOGP.labels(self.model_name, "extrapolated")
-        for value in delta:
+        for name, prob in zip(unslotted_names, unslotted_prob):
+            metrics.EXTRAPOLATED_TOKENS.labels(name, "extrapolated").inc(prob)
+        for name, value in zip(picked_names, delta):
             if math.isfinite(value):  # a row without a distribution has NaN Δ
-                histogram.observe(value)
+                metrics.DELTA_LOGP.labels(name, "extrapolated").observe(value)

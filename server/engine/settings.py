@@ -13,7 +13,7 @@ from typing import Any
 
 from rlvrx.kernels import SELECTION
 
-FIELDS = ("gamma", "tau", "generator", "candidates", "selection")
+FIELDS = ("gamma", "tau", "generator", "candidates", "selection", "base_adapter", "lora_scale")
 PRESETS = ("extrapolate", "rl", "base")
 GENERATORS = ("base", "rl")
 # What flags a position for extrapolation (τ is the threshold of each):
@@ -21,6 +21,7 @@ GENERATORS = ("base", "rl")
 # a coin with probability τ. The last two are the paper's baselines for its replacement curve.
 SELECTIONS = tuple(SELECTION)
 GAMMA_RANGE = (-1.0, 10.0)
+LORA_SCALE_RANGE = (0.0, 10.0)
 MAX_CANDIDATES = 1 << 20
 
 
@@ -42,6 +43,12 @@ class Extrapolation:
     candidates: int = 50
     selection: str = "delta_logp"
     preset: str = "extrapolate"
+    # The stacked path's adapters (server.engine.adapter_rows): the RL stream is `adapter` (named by the
+    # served model name; "" = the first served) with its delta scaled by `lora_scale`; the base stream
+    # is the base, or the served adapter `base_adapter` (an earlier checkpoint of the same run).
+    adapter: str = ""
+    base_adapter: str = ""
+    lora_scale: float = 1.0
 
     @property
     def passthrough(self) -> str | None:
@@ -65,7 +72,8 @@ class Extrapolation:
     def as_xargs(self) -> dict[str, Any]:
         """The settings as `vllm_xargs` entries (JSON-safe)."""
         return {"gamma": self.gamma, "tau": tau_json(self.tau), "generator": self.generator,
-                "candidates": self.candidates, "selection": self.selection, "preset": self.preset}
+                "candidates": self.candidates, "selection": self.selection, "preset": self.preset,
+                "adapter": self.adapter, "base_adapter": self.base_adapter, "lora_scale": self.lora_scale}
 
 
 def tau_json(tau: float) -> float | str:
@@ -133,6 +141,67 @@ def parse_preset(value: Any) -> str:
     return value
 
 
+def parse_lora_scale(value: Any) -> float:
+    scale = _number("lora_scale", value)
+    lo, hi = LORA_SCALE_RANGE
+    if not lo <= scale <= hi:
+        raise SettingsError("lora_scale", f"'lora_scale' must be in [{lo:g}, {hi:g}], got {value!r}")
+    return scale
+
+
+def adapter_parser(field: str):
+    def parse_name(value: Any) -> str:
+        if not isinstance(value, str):
+            raise SettingsError(field, f"'{field}' must be the name of a served adapter, got {value!r}")
+        return value
+    return parse_name
+
+
+@dataclass(frozen=True)
+class ServedAdapters:
+    """The adapters requests may name, set by `pair.engine_kwargs` in the process that admits
+    requests: none on the two-backbone path. `scalable`: every adapter is LoRA on the projections
+    only, so its delta can be scaled and the base stream can carry one (an adapter's own embeddings,
+    norms or head are the RL stream's alone)."""
+
+    names: tuple[str, ...] = ()
+    scalable: bool = False
+
+
+_served_adapters = ServedAdapters()
+
+
+def set_served_adapters(served: ServedAdapters) -> None:
+    global _served_adapters
+    _served_adapters = served
+
+
+def served_adapters() -> ServedAdapters:
+    return _served_adapters
+
+
+def check_adapters(found: Extrapolation, served: ServedAdapters) -> Extrapolation:
+    """The settings with `adapter` resolved to a served name ("" → the first); SettingsError for an
+    adapter that is not served, or a scale or base adapter the served adapters cannot take."""
+    if not served.names:
+        for field, default in (("base_adapter", ""), ("lora_scale", 1.0)):
+            if getattr(found, field) != default:
+                raise SettingsError(field, f"'{field}' needs LoRA adapters: this server serves two full checkpoints")
+        if found.adapter:
+            raise SettingsError("model", f"no adapter {found.adapter!r} is served here")
+        return found
+    for field in ("adapter", "base_adapter"):
+        name = getattr(found, field)
+        if name and name not in served.names:
+            raise SettingsError("model" if field == "adapter" else field,
+                                f"'{field}': no served adapter is named {name!r}; served: {list(served.names)}")
+    if not served.scalable and (found.base_adapter or found.lora_scale != 1.0):
+        field = "base_adapter" if found.base_adapter else "lora_scale"
+        raise SettingsError(field, f"'{field}' needs adapters that are LoRA on the projections only; a served "
+                                   "adapter also changes embeddings, norms, biases or the output head")
+    return replace(found, adapter=found.adapter or served.names[0])
+
+
 _server_defaults = Extrapolation()
 
 
@@ -149,7 +218,9 @@ def server_defaults() -> Extrapolation:
 
 
 _PARSERS = {"gamma": parse_gamma, "tau": parse_tau, "generator": parse_generator,
-            "candidates": parse_candidates, "selection": parse_selection, "preset": parse_preset}
+            "candidates": parse_candidates, "selection": parse_selection, "preset": parse_preset,
+            "adapter": adapter_parser("adapter"), "base_adapter": adapter_parser("base_adapter"),
+            "lora_scale": parse_lora_scale}
 
 
 def parse(values: Mapping[str, Any] | None, defaults: Extrapolation = Extrapolation(),

@@ -2,18 +2,20 @@
 
 Both streams go through the same weights. For the T tokens of a step, every decoder layer
 runs its linear layers once on 2T rows [h_rl; h_base], adds the LoRA delta s·(x·Aᵀ)·Bᵀ to
-the RL rows only, and runs ONE vLLM `Attention` with 2H query heads and 2·Hkv KV heads laid
+the rows that carry one (server.engine.adapter_rows: each row its own adapter and scale, the base
+rows none or an adapter of their own), and runs ONE vLLM `Attention` with 2H query heads and 2·Hkv KV heads laid
 side by side ([rl heads | base heads], which keeps GQA's grouping: head i reads KV head
 i // (H/Hkv)) under the scheduler's ordinary block table, so the KV cache holds twice a single
 model's bytes per token. Norms, RoPE and the MLP act per row or per head.
 
 Module names are the checkpoint's (Llama, Mistral, Qwen2, Qwen3), so vLLM's weight loading,
 q/k/v → qkv_proj and gate/up → gate_up_proj included, reads the base checkpoint at the model
-path; the adapter comes from `rlvrx_adapter_path` in the config (set through `hf_overrides`).
+path; the adapters come from `rlvrx_adapters` in the config (set through `hf_overrides`), the first
+being the default.
 `forward` returns [T, 2·hidden] (RL | base) and `compute_logits` publishes the base logits in
 `server.engine.step.STEP`, as the two-backbone model (server.engine.model) does.
 
-Tensors that cannot be LoRA deltas (embeddings, lm_head, norms, q/k/v biases) are per stream
+Tensors that cannot be LoRA deltas (only when one adapter is served) (embeddings, lm_head, norms, q/k/v biases) are per stream
 when the adapter changes them (server/engine/rl_stream.py: PEFT's modules_to_save, LoRA on
 embed_tokens or lm_head, trainable tokens, `rlvrx lora-extract`'s copies): the copy of module `X`
 is `X_rl`, applied to the RL rows only, and the q/k/v biases are added per stream. A copy that edits
@@ -27,7 +29,6 @@ their own input columns of A, and the delta joins the layer's output before the 
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -49,17 +50,30 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.transformers_utils.config import set_default_rope_theta
 
 from rlvrx.server.engine.adapter import Adapter, check_architecture, check_prompt_embeds, read_adapter
+from rlvrx.server.engine.adapter_rows import ROWS, lora_delta
 from rlvrx.server.engine.step import STEP
 
 
-def read_config_adapter(vllm_config: VllmConfig) -> tuple[str, Adapter]:
-    """The base's decoder family and the adapter named in the engine's config."""
+def adapter_paths(config) -> dict[str, str]:
+    """{name: directory} of the engine's adapters, the first the default (server.engine.pair)."""
+    return getattr(config, "rlvrx_adapters", None) or {"": config.rlvrx_adapter_path}
+
+
+def read_adapters(config) -> list[Adapter]:
+    base_config = config.to_dict()
+    return [read_adapter(path, base_config) for path in adapter_paths(config).values()]
+
+
+def read_config_adapters(vllm_config: VllmConfig) -> tuple[str, list[Adapter]]:
+    """The base's decoder family and the adapters named in the engine's config (the first's own
+    embeddings, norms, biases or head are the RL stream's: it is then the only one)."""
     config = vllm_config.model_config.hf_config
     family = check_architecture(config.rlvrx_inner_architecture)
-    adapter = read_adapter(config.rlvrx_adapter_path, config.to_dict())
+    adapters = read_adapters(config)
     if vllm_config.model_config.enable_prompt_embeds:
-        check_prompt_embeds(adapter, config.rlvrx_adapter_path)
-    return family, adapter
+        check_prompt_embeds(adapters[0], config.rlvrx_adapter_path)
+    ROWS.slots = {name: slot for slot, name in enumerate(adapter_paths(config))}
+    return family, adapters
 
 
 def side_by_side(x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +113,11 @@ def output_shards(linear: QKVParallelLinear | MergedColumnParallelLinear) -> lis
 
 
 class LoraDelta(nn.Module):
-    """This rank's shard of the LoRA of one (packed) linear layer, for the RL rows."""
+    """This rank's shard of every adapter's LoRA of one (packed) linear layer: A [adapters, R, in] and
+    B [adapters, out, R], ranks padded with zeros to the largest (an adapter that leaves the layer
+    alone is all zero); each row adds its own adapter's delta (server.engine.adapter_rows)."""
 
-    def __init__(self, adapter: Adapter, layer: int, names: tuple[str, ...], linear: nn.Module):
+    def __init__(self, adapters: list[Adapter], layer: int, names: tuple[str, ...], linear: nn.Module):
         super().__init__()
         self.layer, self.names = layer, names
         if isinstance(linear, RowParallelLinear):
@@ -109,28 +125,39 @@ class LoraDelta(nn.Module):
             self.in_shard, self.out_shards = slice(linear.tp_rank * width, (linear.tp_rank + 1) * width), [slice(None)]
         else:
             self.in_shard, self.out_shards = slice(None), output_shards(linear)
-        a, b = self.shards(adapter)
+        a, b = self.shards(adapters)
         self.a = nn.Parameter(torch.empty(a.shape), requires_grad=False)
         self.b = nn.Parameter(torch.empty(b.shape), requires_grad=False)
 
-    def shards(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        a, bs = adapter.packed(self.layer, self.names)
-        return a[:, self.in_shard], torch.cat([b[s] for b, s in zip(bs, self.out_shards)])
+    def shards(self, adapters: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = [None if (p := adapter.packed(self.layer, self.names)) is None
+                  else (p[0][:, self.in_shard], torch.cat([b[s] for b, s in zip(p[1], self.out_shards)]))
+                  for adapter in adapters]
+        width, height = next((a.shape[1], b.shape[0]) for a, b in filter(None, shards))
+        rank = max(a.shape[0] for a, _ in filter(None, shards))
+        a_all, b_all = torch.zeros(len(adapters), rank, width), torch.zeros(len(adapters), height, rank)
+        for slot, shard in enumerate(shards):
+            if shard is not None:
+                a, b = shard
+                a_all[slot, :a.shape[0]], b_all[slot, :, :a.shape[0]] = a, b
+        return a_all, b_all
 
     @torch.no_grad()
-    def load(self, adapter: Adapter) -> None:
-        a, b = self.shards(adapter)
+    def load(self, adapters: list[Adapter]) -> None:
+        a, b = self.shards(adapters)
         self.a.copy_(a)
         self.b.copy_(b)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """out[:T] += (x[:T]·Aᵀ)·Bᵀ, T being half the rows (the RL stream's)."""
-        t = x.shape[0] // 2
-        out[:t] += F.linear(F.linear(x[:t], self.a), self.b)
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out plus each row's delta (the RL rows' adapter; the base rows' when they have one)."""
+        return out + lora_delta(x, self.a, self.b)
 
 
-def lora_delta(adapter: Adapter, layer: int, names: tuple[str, ...], linear: nn.Module) -> LoraDelta | None:
-    return None if adapter.packed(layer, names) is None else LoraDelta(adapter, layer, names, linear)
+def layer_lora(adapters: list[Adapter], layer: int, names: tuple[str, ...], linear: nn.Module) -> LoraDelta | None:
+    """The layer's LoRA, or None when no adapter targets it."""
+    if all(adapter.packed(layer, names) is None for adapter in adapters):
+        return None
+    return LoraDelta(adapters, layer, names, linear)
 
 
 def reduced(linear: RowParallelLinear, lora: LoraDelta | None, x: torch.Tensor) -> torch.Tensor:
@@ -138,16 +165,16 @@ def reduced(linear: RowParallelLinear, lora: LoraDelta | None, x: torch.Tensor) 
     RL rows' delta added before the all-reduce."""
     out, bias = linear(x)
     if lora is not None:
-        lora.add_to(out, x)
+        out = lora.add_to(out, x)
     if linear.tp_size > 1:
         out = tensor_model_parallel_all_reduce(out)
     return out if bias is None else out + bias
 
 
 class StackedAttention(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, family: str, adapter: Adapter, layer: int, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, family: str, adapters: list[Adapter], layer: int, prefix: str):
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config, adapter = vllm_config.model_config.hf_config, adapters[0]
         heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
         head_dim = adapter.shapes.head_dim
         qkv_bias = family == "qwen2" or getattr(config, "attention_bias", False)
@@ -160,8 +187,8 @@ class StackedAttention(nn.Module):
         self.qkv_bias_rl = nn.Parameter(torch.empty_like(self.qkv_proj.bias), requires_grad=False) if rl_bias else None
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias, reduce_results=False,
                                         skip_bias_add=True, prefix=f"{prefix}.o_proj")
-        self.qkv_lora = lora_delta(adapter, layer, ("q_proj", "k_proj", "v_proj"), self.qkv_proj)
-        self.o_lora = lora_delta(adapter, layer, ("o_proj",), self.o_proj)
+        self.qkv_lora = layer_lora(adapters, layer, ("q_proj", "k_proj", "v_proj"), self.qkv_proj)
+        self.o_lora = layer_lora(adapters, layer, ("o_proj",), self.o_proj)
         self.head_dim = head_dim
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
@@ -196,7 +223,7 @@ class StackedAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv, bias = self.qkv_proj(hidden)
         if self.qkv_lora is not None:
-            self.qkv_lora.add_to(qkv, hidden)
+            qkv = self.qkv_lora.add_to(qkv, hidden)
         if self.qkv_bias_rl is not None:
             t = qkv.shape[0] // 2
             qkv = torch.cat([qkv[:t] + self.qkv_bias_rl, qkv[t:] + bias])
@@ -209,15 +236,15 @@ class StackedAttention(nn.Module):
 
 
 class StackedMLP(nn.Module):
-    def __init__(self, config, adapter: Adapter, layer: int, prefix: str):
+    def __init__(self, config, adapters: list[Adapter], layer: int, prefix: str):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
                                                        prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
                                            reduce_results=False, skip_bias_add=True, prefix=f"{prefix}.down_proj")
-        self.gate_up_lora = lora_delta(adapter, layer, ("gate_proj", "up_proj"), self.gate_up_proj)
-        self.down_lora = lora_delta(adapter, layer, ("down_proj",), self.down_proj)
+        self.gate_up_lora = layer_lora(adapters, layer, ("gate_proj", "up_proj"), self.gate_up_proj)
+        self.down_lora = layer_lora(adapters, layer, ("down_proj",), self.down_proj)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act}: the stacked model has silu only")
         self.act_fn = SiluAndMul()
@@ -225,16 +252,16 @@ class StackedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
         if self.gate_up_lora is not None:
-            self.gate_up_lora.add_to(gate_up, x)
+            gate_up = self.gate_up_lora.add_to(gate_up, x)
         return reduced(self.down_proj, self.down_lora, self.act_fn(gate_up))
 
 
 class StackedDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, family: str, adapter: Adapter, layer: int, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, family: str, adapters: list[Adapter], layer: int, prefix: str):
         super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.self_attn = StackedAttention(vllm_config, family, adapter, layer, prefix=f"{prefix}.self_attn")
-        self.mlp = StackedMLP(config, adapter, layer, prefix=f"{prefix}.mlp")
+        config, adapter = vllm_config.model_config.hf_config, adapters[0]
+        self.self_attn = StackedAttention(vllm_config, family, adapters, layer, prefix=f"{prefix}.self_attn")
+        self.mlp = StackedMLP(config, adapters, layer, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.input_layernorm_rl, self.post_attention_layernorm_rl = (
@@ -257,7 +284,8 @@ class StackedModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        family, adapter = read_config_adapter(vllm_config)
+        family, adapters = read_config_adapters(vllm_config)
+        adapter = adapters[0]
         if family != "llama":
             set_default_rope_theta(config, default_theta=1000000)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
@@ -266,7 +294,7 @@ class StackedModel(nn.Module):
                                 if adapter.own_embeddings else None)
         self.lm_head_is_rl = "lm_head.weight" in adapter.rl.names
         self.layers = nn.ModuleList(
-            StackedDecoderLayer(vllm_config, family, adapter, i, prefix=f"{prefix}.layers.{i}")
+            StackedDecoderLayer(vllm_config, family, adapters, i, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -290,8 +318,7 @@ class StackedLoraForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        self.adapter_path = config.rlvrx_adapter_path
-        self.base_config = config.to_dict()
+        self.config = config
         self.model = StackedModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
@@ -330,7 +357,8 @@ class StackedLoraForCausalLM(nn.Module):
         return rl_logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        adapter = read_adapter(self.adapter_path, self.base_config)
+        adapters = read_adapters(self.config)
+        adapter = adapters[0]
         edited, base_tensors = adapter.rl.from_base, {}  # the base's tensors the adapter edits for the RL stream
 
         def keeping(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
@@ -343,7 +371,7 @@ class StackedLoraForCausalLM(nn.Module):
         rl_tensors = adapter.rl.materialize(base_tensors)
         for name, module in self.named_modules():
             if isinstance(module, LoraDelta):
-                module.load(adapter)
+                module.load(adapters)
                 loaded |= {f"{name}.a", f"{name}.b"}
             elif isinstance(module, StackedAttention) and module.qkv_bias_rl is not None:
                 module.load_rl_biases(rl_tensors)

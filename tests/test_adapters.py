@@ -1,0 +1,193 @@
+"""Several LoRA adapters over one base in one stacked engine, chosen per request.
+
+Three adapters of one base (different ranks, targets and seeds; one leaves some projections alone)
+serve, in ONE batch, requests of each adapter, their presets, a base stream that is another adapter
+(`base_adapter`: Δ = log π_b − log π_a) and a scaled delta (`lora_scale`: W + 1.5·s·B·A), each
+against its float64 reference: PEFT's merge of each adapter (and of the adapter with B scaled by 1.5),
+greedy tokens and sampled log q. Eager with prefix caching on — a later batch sends the same long
+prompt under other adapters and scales, which must not reuse the first's KV blocks, while the same
+adapter again does — and compiled under tensor parallelism 2. `rlvrx serve --lora-modules` lists the
+names with the base as parent, serves each, and answers bad names and scales with a 400.
+"""
+
+import math
+import shutil
+
+import numpy as np
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from rlvrx.kernels import reference as ref
+from rlvrx.server.toy_pair import build_lora_child, merge_adapter
+from tests import engine_checks as checks
+from tests.conftest import next_logits, ref_settings, run_engine, start_server, stop_server
+
+ADAPTERS = {  # name: LoRA options
+    "a": {"rank": 4, "seed": 11},
+    "b": {"rank": 8, "seed": 12, "alpha": 4.0},
+    "c": {"rank": 2, "seed": 13, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+}
+SCALE = 1.5
+LONG_PROMPT = np.random.default_rng(5).integers(3, 380, size=300).tolist()
+GREEDY = (0.5, -0.3, "base", 0)  # extrapolation settings of the greedy requests
+SAMPLED = (0.3, None, "rl", 20, 0.9, 0.9)  # (gamma, tau, generator, k, temperature, top_p)
+TP = {"tensor_parallel_size": 2, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
+
+
+def scaled_adapter(adapter, factor: float, out):
+    """A copy of the adapter with every lora_B multiplied by `factor`: PEFT's W + factor·s·B·A."""
+    shutil.copytree(adapter, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(toy_pairs, tmp_path_factory):
+    """(base, {name: adapter}, {name: merged}, merged of b at SCALE)."""
+    root = tmp_path_factory.mktemp("adapters")
+    base = toy_pairs["qwen2"][0]
+    built = {name: build_lora_child(base, root / name, **options) for name, options in ADAPTERS.items()}
+    scaled = merge_adapter(base, scaled_adapter(built["b"][0], SCALE, root / "b-scaled"), root / "b-scaled-merged")
+    return base, {n: a for n, (a, _) in built.items()}, {n: m for n, (_, m) in built.items()}, scaled
+
+
+@pytest.fixture(scope="module")
+def models(adapters):
+    """Float64 references: "base", each adapter's merge, and "b*1.5"."""
+    base, _, merged, scaled = adapters
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()  # noqa: E731
+    return {"base": load(base), **{name: load(path) for name, path in merged.items()}, f"b*{SCALE}": load(scaled)}
+
+
+def xargs(adapter: str, **extra) -> dict:
+    return {"adapter": adapter, **checks.xargs(*GREEDY), **extra}
+
+
+# (request extra_args, RL reference, base reference, kind): kind "q" greedy extrapolation,
+# "rl"/"base" a preset (that model alone, greedy), "sampled" log q along a sampled path.
+CASES = [
+    (xargs("a"), "a", "base", "q"),
+    (xargs("b"), "b", "base", "q"),
+    (xargs("c"), "c", "base", "q"),
+    (xargs("c", preset="rl"), "c", "base", "rl"),
+    (xargs("b", preset="base"), "b", "base", "base"),
+    (xargs("b", base_adapter="a"), "b", "a", "q"),
+    (xargs("a", base_adapter="c", preset="base"), "a", "c", "base"),
+    (xargs("b", lora_scale=SCALE), f"b*{SCALE}", "base", "q"),
+    (xargs("b", lora_scale=SCALE, preset="rl"), f"b*{SCALE}", "base", "rl"),
+    (xargs("b", lora_scale=SCALE, base_adapter="b"), f"b*{SCALE}", "b", "q"),
+    ({**xargs("c"), **checks.xargs(*SAMPLED[:4])}, "c", "base", "sampled"),
+    ({**xargs("a", base_adapter="b"), **checks.xargs(*SAMPLED[:4])}, "a", "b", "sampled"),
+]
+
+
+def request(i: int, extra: dict, kind: str, prompt=None) -> dict:
+    prompt = prompt or checks.PROMPTS[i % 3]
+    if kind == "sampled":
+        params = checks.sampled(*SAMPLED[4:], seed=100 + i, extra=extra)
+    else:
+        params = checks.greedy(extra)
+    return {"prompt_ids": prompt, "params": params}
+
+
+def batches() -> list[list[dict]]:
+    """All cases in one batch; then the long prompt under adapter a; then, later, the same prompt
+    under other adapters and scales, and under a again (a prefix-cache hit)."""
+    mixed = [request(i, extra, kind) for i, (extra, _, _, kind) in enumerate(CASES)]
+    long_cases = [CASES[0], CASES[1], CASES[5], CASES[7], CASES[0]]
+    long = [request(0, extra, kind, LONG_PROMPT) for extra, _, _, kind in long_cases]
+    return [mixed, long[:1], long[1:]]
+
+
+def expected_greedy(models, case, prompt) -> list[int]:
+    _, rl, base, kind = case
+    pair = (models[rl], models[base])
+    if kind == "q":
+        return checks.reference_greedy(pair, prompt, ref_settings(*GREEDY))
+    alone = models[rl] if kind == "rl" else models[base]
+    return checks.reference_greedy((alone, alone), prompt, ref_settings(0.0, -math.inf, "rl", 0))
+
+
+def check_run(results, models) -> None:
+    mixed, first_long, later_long = results
+    for i, (case, got) in enumerate(zip(CASES, mixed)):
+        prompt = checks.PROMPTS[i % 3]
+        if case[3] != "sampled":
+            assert got[0]["token_ids"] == expected_greedy(models, case, prompt), case
+            continue
+        ids, s = list(prompt), ref_settings(*SAMPLED)
+        for token, lps in zip(got[0]["token_ids"], got[0]["logprobs"]):
+            a, b = next_logits((models[case[1]], models[case[2]]), ids)
+            q = ref.two_stage_distribution(a, b, s)
+            assert lps[str(token)] == pytest.approx(math.log(q[token]), abs=2e-3), case
+            ids.append(token)
+    long_cases = [CASES[0], CASES[1], CASES[5], CASES[7], CASES[0]]
+    for case, got in zip(long_cases, first_long + later_long):
+        assert got[0]["token_ids"] == expected_greedy(models, case, LONG_PROMPT), case
+
+
+@pytest.fixture(scope="module")
+def runs(adapters, tmp_path_factory) -> dict:
+    base, paths, _, _ = adapters
+    tmp = tmp_path_factory.mktemp("engine")
+    spec = {"base": str(base), "adapters": {n: str(p) for n, p in paths.items()}, "batches": batches()}
+    return {"eager": run_engine({**spec, "prefix_caching": True}, tmp),
+            "compiled-tp2": run_engine({**spec, "eager": False, **TP}, tmp)}
+
+
+def test_each_row_gets_its_adapter_scale_and_base_stream_in_one_batch(runs, models):
+    check_run(runs["eager"]["results"], models)
+
+
+def test_prefix_caching_keeps_adapters_and_scales_apart(runs, models):
+    """The long prompt's blocks were found in the cache (by the same adapter), and the other adapters
+    and scales got their own reference output (checked in check_run)."""
+    assert runs["eager"]["prefix_cache_hits"] >= 256
+    check_run(runs["eager"]["results"], models)
+
+
+def test_compiled_tensor_parallel_serves_what_eager_serves(runs, models):
+    check_run(runs["compiled-tp2"], models)
+
+
+@pytest.fixture(scope="module")
+def adapters_server(adapters, tmp_path_factory):
+    base, paths, _, _ = adapters
+    modules = [f"{name}={path}" for name, path in paths.items()]
+    proc, url = start_server(None, tmp_path_factory.mktemp("server") / "server.log",
+                             extra_args=("--base", str(base), "--lora-modules", *modules))
+    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), paths, base
+    stop_server(proc)
+
+
+def test_served_adapters_are_listed_and_each_serves_its_reference(adapters_server, models):
+    client, paths, base = adapters_server
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {f"{n}{s}" for n in ADAPTERS for s in ("", ":rl", ":base")}
+    assert all(getattr(cards[n], "parent", None) == str(base) for n in cards)
+    assert getattr(cards["b"], "root", None) == str(paths["b"].resolve())
+    prompt = checks.PROMPTS[1]
+    for case in (CASES[1], CASES[3], CASES[5], CASES[8]):
+        extra, _, _, kind = case
+        name = extra["adapter"] + {"q": "", "rl": ":rl", "base": ":base"}[kind]
+        fields = {k: extra[k] for k in ("base_adapter", "lora_scale") if k in extra}
+        out = client.completions.create(model=name, prompt=prompt, max_tokens=checks.MAX_TOKENS, temperature=0.0,
+                                        extra_body={"gamma": GREEDY[0], "tau": GREEDY[1], "generator": GREEDY[2],
+                                                    "candidates": GREEDY[3], "ignore_eos": True,
+                                                    "return_token_ids": True, **fields})
+        assert out.model == name
+        assert out.choices[0].token_ids == expected_greedy(models, case, prompt), case
+
+
+@pytest.mark.parametrize("fields,param", [({"base_adapter": "zzz"}, "base_adapter"),
+                                          ({"lora_scale": 11}, "lora_scale"),
+                                          ({"lora_scale": "big"}, "lora_scale")])
+def test_bad_adapter_fields_get_a_400_naming_the_field(adapters_server, fields, param):
+    client = adapters_server[0]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="a", prompt="hi", max_tokens=2, extra_body=fields)
+    assert err.value.body["param"] == param
