@@ -160,9 +160,13 @@ def prompt_style(tokenizer) -> str:
     return "arith" if tokenizer.chat_template == CHAT_TEMPLATE else "text"
 
 
-def drive_http(url: str, model: str, fields: dict, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+def drive_http(url: str, model: str | list[str], fields: dict, texts: list[str], concurrency: int,
+               max_tokens: int) -> dict:
+    """Send the requests (request i to model i mod the number of models) `concurrency` at a time."""
+    models = [model] if isinstance(model, str) else model
+
     def one(i: int) -> dict:
-        body = {"model": model, "prompt": texts[i], "max_tokens": max_tokens, "ignore_eos": True,
+        body = {"model": models[i % len(models)], "prompt": texts[i], "max_tokens": max_tokens, "ignore_eos": True,
                 "seed": i, **SAMPLING, **fields}
         return stream_completion(url, body)
 

@@ -138,6 +138,13 @@ def served_adapters(ours: argparse.Namespace, name: str | None) -> dict[str, str
     return adapters
 
 
+def served_model_name(vllm_argv: list[str]) -> str | None:
+    """The first --served-model-name among vLLM's flags (read before vLLM's parser is imported)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--served-model-name", "--served_model_name", nargs="+")
+    return (parser.parse_known_args(vllm_argv)[0].served_model_name or [None])[0]
+
+
 def rank_arg(text: str) -> int | str:
     if text == "full":
         return text
@@ -187,12 +194,16 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
         filter(None, (os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:multiprocessing.resource_tracker")))
     # The V1 logits-processor interface; Model Runner V2 (CUDA default) refuses it.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    adapters = served_adapters(ours, served_model_name(vllm_argv))
     try:
         defaults = settings_mod.parse(
             {"gamma": ours.gamma, "tau": tau_arg(ours.tau), "generator": ours.generator, "candidates": ours.candidates}
         )
+        pair = engine_kwargs(ours.rl, ours.base, adapters)  # before vLLM's import: a bad pair fails in one line
     except settings_mod.SettingsError as exc:
         fail(f"--{exc.field}: {exc}")
+    except PairError as exc:
+        fail(str(exc))
 
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
@@ -215,11 +226,9 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     if args.pipeline_parallel_size > 1:
         fail("--pipeline-parallel-size must be 1: the pair's wrapper model has no pipeline stages "
              "(use --tensor-parallel-size)")
-    adapters = served_adapters(ours, (args.served_model_name or [None])[0])
     try:
         check_serving_flags(ours.rl, ours.base, adapters, prompt_embeds=args.enable_prompt_embeds,
                             quantization=args.quantization)
-        pair = engine_kwargs(ours.rl, ours.base, adapters)
     except PairError as exc:
         fail(str(exc))
     check_listen_address(args)

@@ -12,7 +12,10 @@ the one asked for.
 
 On every route that takes a preset it gives `<name>:base` requests the base model's
 generation-config defaults for the sampling fields they leave unset (`server.api.generation`;
-vLLM would apply the RL model's).
+vLLM would apply the RL model's), and requests of a stacked engine's other adapters (`rlvrx
+serve --lora-modules`) their adapter's. The served name before the preset suffix names the
+adapter of such an engine; `GET /v1/models` lists each name with its adapter as root and the
+base as parent.
 
 On /v1/chat/completions and /v1/completions it also:
 
