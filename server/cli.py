@@ -50,6 +50,12 @@ def our_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-modules", nargs="+", type=lora_module_arg, metavar="NAME=ADAPTER",
                        help="several LoRA adapters of --base, each served as NAME, NAME:rl and NAME:base (vLLM's "
                             "convention; also '{\"name\": ..., \"path\": ...}'); the first is the default")
+    serve.add_argument("--max-loras", type=int, default=0,
+                       help="with VLLM_ALLOW_RUNTIME_LORA_UPDATING: adapters the stacked engine can hold (default: "
+                            "those given at start-up)")
+    serve.add_argument("--max-lora-rank", type=int, default=0,
+                       help="with VLLM_ALLOW_RUNTIME_LORA_UPDATING: the largest rank of an adapter loaded at run time "
+                            "(default: 16, or the largest given)")
     serve.add_argument("--base", required=True, help="path of the base checkpoint")
     defaults = settings_mod.Extrapolation()
     serve.add_argument("--gamma", type=float, default=defaults.gamma, help="default extrapolation strength γ")
@@ -199,7 +205,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
         defaults = settings_mod.parse(
             {"gamma": ours.gamma, "tau": tau_arg(ours.tau), "generator": ours.generator, "candidates": ours.candidates}
         )
-        pair = engine_kwargs(ours.rl, ours.base, adapters)  # before vLLM's import: a bad pair fails in one line
+        runtime = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true")
+        # before vLLM's import: a bad pair fails in one line
+        pair = engine_kwargs(ours.rl, ours.base, adapters, runtime_loading=runtime and adapters is not None,
+                             max_loras=ours.max_loras, max_lora_rank=ours.max_lora_rank)
     except settings_mod.SettingsError as exc:
         fail(f"--{exc.field}: {exc}")
     except PairError as exc:
@@ -246,6 +255,8 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     os.environ[STATS_ENV] = stats.path  # the one table the engine writes to (its processes inherit this)
     args.rlvrx = ApiConfig(defaults=defaults, vocab_size=vocab_size, stats_path=stats.path, served_name=name,
                            adapters=pair["hf_overrides"].get("rlvrx_adapters", {}),
+                           max_loras=pair["hf_overrides"].get("rlvrx_max_loras", 0),
+                           max_lora_rank=pair["hf_overrides"].get("rlvrx_max_lora_rank", 0),
                            protect_metrics=ours.protect_metrics, max_n=ours.max_n,
                            allow_custom_roles=ours.allow_custom_roles)
     tau = defaults.tau if math.isfinite(defaults.tau) else ("null" if defaults.tau > 0 else "-inf")

@@ -191,3 +191,76 @@ def test_bad_adapter_fields_get_a_400_naming_the_field(adapters_server, fields, 
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="a", prompt="hi", max_tokens=2, extra_body=fields)
     assert err.value.body["param"] == param
+
+
+@pytest.fixture(scope="module")
+def runtime_server(adapters, tmp_path_factory):
+    """Runtime loading on: adapter a at start-up, room for three of rank ≤ 8."""
+    base, paths, _, _ = adapters
+    big = build_lora_child(base, tmp_path_factory.mktemp("rank16") / "d", rank=16, seed=14)[0]
+    proc, url = start_server(None, tmp_path_factory.mktemp("server") / "server.log",
+                             extra_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
+                             extra_args=("--base", str(base), "--lora-modules", f"a={paths['a']}",
+                                         "--max-loras", "3", "--max-lora-rank", "8"))
+    yield url, paths, big
+    stop_server(proc)
+
+
+def greedy_tokens(client, model: str, prompt: list[int], max_tokens: int = checks.MAX_TOKENS) -> list[int]:
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                    extra_body={"gamma": GREEDY[0], "tau": GREEDY[1], "generator": GREEDY[2],
+                                                "candidates": GREEDY[3], "ignore_eos": True, "return_token_ids": True})
+    return out.choices[0].token_ids
+
+
+def test_adapters_load_and_unload_at_run_time(runtime_server, models):
+    import threading
+    import time
+
+    import httpx
+
+    url, paths, big = runtime_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    post = lambda route, body: httpx.post(url + route, json=body, timeout=300)  # noqa: E731
+    load = lambda name, path: post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})  # noqa: E731
+    assert load("b", paths["b"]).status_code == 200
+    assert load("c", paths["c"]).status_code == 200
+    assert {m.id for m in client.models.list().data} == {f"{n}{s}" for n in "abc" for s in ("", ":rl", ":base")}
+    for name in "abc":
+        case = next(c for c in CASES if c[0]["adapter"] == name and c[3] == "q" and len(c[0]) == 5)
+        assert greedy_tokens(client, name, LONG_PROMPT) == expected_greedy(models, case, LONG_PROMPT), name
+    refused = {"slots": load("d", paths["a"]), "rank": load("e", big), "name": load("b", paths["b"]),
+               "path": load("f", paths["a"].parent)}
+    assert all(r.status_code == 400 for r in refused.values()), {k: r.text for k, r in refused.items()}
+    assert refused["slots"].json()["error"]["param"] == "lora_name"
+    assert refused["rank"].json()["error"]["param"] == "lora_path"
+    assert post("/v1/unload_lora_adapter", {"lora_name": "a"}).status_code == 400  # the default stays
+    assert post("/v1/unload_lora_adapter", {"lora_name": "zzz"}).status_code == 404
+
+    # A request in flight with c finishes before c is unloaded (the unload returns after its last
+    # token); then c is gone, and c loaded again from another adapter serves that one (the KV the
+    # prefix cache holds for the old c is not reused).
+    started, streamed = threading.Event(), {}
+
+    def stream():
+        chunks = client.completions.create(model="c", prompt=checks.PROMPTS[0], max_tokens=400, temperature=0.0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        reasons = []
+        for chunk in chunks:
+            started.set()
+            reasons += [c.finish_reason for c in chunk.choices]
+        streamed.update(reason=reasons[-1], ended=time.monotonic())
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(60)
+    unloaded = post("/v1/unload_lora_adapter", {"lora_name": "c"})
+    returned = time.monotonic()
+    thread.join(60)
+    assert unloaded.status_code == 200, unloaded.text
+    assert streamed["reason"] == "length" and streamed["ended"] <= returned + 0.5
+    with pytest.raises(openai.NotFoundError):
+        greedy_tokens(client, "c", LONG_PROMPT)
+    assert load("c", paths["b"]).status_code == 200
+    b_case = next(c for c in CASES if c[0]["adapter"] == "b" and c[3] == "q" and len(c[0]) == 5)
+    assert greedy_tokens(client, "c", LONG_PROMPT) == expected_greedy(models, b_case, LONG_PROMPT)

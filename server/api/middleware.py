@@ -49,7 +49,7 @@ from starlette.datastructures import Headers
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from rlvrx.server.api import generation, metrics, openapi
+from rlvrx.server.api import adapters, generation, metrics, openapi
 from rlvrx.server.api.errors import error_body, send_json
 from rlvrx.server.engine import settings as settings_mod
 from rlvrx.server.engine import metrics as engine_metrics
@@ -81,6 +81,8 @@ class ApiConfig:
     max_n: int = 256  # most choices (`n`) one request may ask for
     allow_custom_roles: bool = False  # chat roles beyond CHAT_ROLES go to the chat template
     adapters: dict[str, str] = field(default_factory=dict)  # a stacked engine's {served name: adapter directory}
+    max_loras: int = 0  # with runtime loading: the adapters it can hold, and their largest rank
+    max_lora_rank: int = 0
 
 
 @functools.cache
@@ -211,6 +213,7 @@ class ExtrapolationMiddleware:
         self.auth: AuthenticationMiddleware | None = None
         self.base_sampling: dict[str, Any] | None = None  # `:base` requests' generation defaults
         self.adapter_sampling: dict[str, dict[str, Any]] = {}  # those of adapters but the first, by name
+        self.table: adapters.AdapterTable | None = None  # a stacked engine's adapters at run time
 
     def authorized(self, scope, config: ApiConfig) -> bool:
         """The API-key check (vLLM's, reused) on every route but /health and /metrics (unless
@@ -246,6 +249,14 @@ class ExtrapolationMiddleware:
         # The path Starlette's router matches: without --root-path's prefix
         path = get_route_path(scope)
         body = await read_body(receive)
+        if self.table is None and config.adapters:
+            self.table = adapters.AdapterTable(config.adapters, config.max_loras, config.max_lora_rank)
+        if path in adapters.ROUTES and config.max_loras and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+            try:
+                payload = parse_json(body)
+            except ValueError as exc:
+                return await send_json(send, 400, error_body(f"the request body is not valid JSON: {exc}", None))
+            return await adapters.answer(self.table, path, payload, scope["app"], send)
         if path not in (*ROUTES, INVOCATIONS, *SETTINGS_ROUTES, *DEFAULTS_ONLY_ROUTES):
             return await self.app(scope, replay(without_private_keys(body), receive), send)
         try:
@@ -279,6 +290,18 @@ class ExtrapolationMiddleware:
                 generation.fill_unset(payload, path, self.adapter_sampling[found.adapter])
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
+        # Counted in flight from here on (no await in between): an adapter being unloaded waits for them.
+        used = [name for name in (found.adapter, found.base_adapter) if name]
+        if self.table is not None:
+            self.table.in_flight.update(used)
+        try:
+            await self.admitted(scope, receive, send, path, payload, found, config)
+        finally:
+            if self.table is not None:
+                self.table.in_flight.subtract(used)
+
+    async def admitted(self, scope, receive, send, path: str, payload: dict[str, Any],
+                       found: settings_mod.Extrapolation, config: ApiConfig) -> None:
         labels = (found.adapter or config.served_name, found.label)
         if path not in ROUTES:
             metrics.observe_request(*labels, found)

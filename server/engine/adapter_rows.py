@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlvrx.server.engine.host_reads import to_device
+from rlvrx.server.engine.settings import ADAPTERS_KEY
 
 RL, BASE = 0, 1  # the two streams, in the stacked model's row order [rl; base]
 
@@ -131,10 +132,11 @@ def _(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def salt_cache(request) -> None:
-    """Key the request's cached KV blocks by its streams' adapters and scale (an EngineCoreRequest)."""
+    """Key the request's cached KV blocks by its streams' adapters and scale (an EngineCoreRequest;
+    the key was written at admission, server.engine.processor)."""
     args = getattr(request.sampling_params, "extra_args", None) or {}
-    if args.get("adapter"):
-        key = f"rlvrx:{args['adapter']}|{args.get('base_adapter') or ''}|{float(args.get('lora_scale', 1.0))!r}"
+    if ADAPTERS_KEY in args:
+        key = f"rlvrx:{args[ADAPTERS_KEY]}"
         request.cache_salt = f"{request.cache_salt}|{key}" if request.cache_salt else key
 
 

@@ -126,26 +126,32 @@ def check_serving_flags(rl_path: str | None, base_path: str, adapters: Mapping[s
             check_prompt_embeds(read_adapter(path, read_config(base_path, "base")), path)
 
 
-def check_adapters(adapters: Mapping[str, str], base_path: str) -> tuple[str, bool]:
+def check_adapters(adapters: Mapping[str, str], base_path: str) -> tuple[str, bool, int]:
     """Raise PairError unless every adapter can be served on the base, and several adapters together;
-    return the base's architecture and whether every adapter is LoRA on the projections only."""
+    return the base's architecture, whether every adapter is LoRA on the projections only, and the
+    largest rank of any projection."""
     from rlvrx.server.engine.adapter import read_adapter
 
     architectures = {check_adapter_pair(path, base_path) for path in adapters.values()}
     base = read_config(base_path, "base")
-    own_tensors = [name for name, path in adapters.items() if read_adapter(path, base).rl.names]
+    read = {name: read_adapter(path, base) for name, path in adapters.items()}
+    own_tensors = [name for name, adapter in read.items() if adapter.rl.names]
     if len(adapters) > 1 and own_tensors:
         raise PairError(f"adapter {own_tensors[0]!r} also changes embeddings, norms, biases or the output head, "
                         "which several adapters cannot share one engine with: serve it alone, or merge it "
                         "(peft's merge_and_unload) and serve the merged model as --rl")
-    return architectures.pop(), not own_tensors
+    rank = max((w.a.shape[0] for adapter in read.values() for w in adapter.modules.values()), default=0)
+    return architectures.pop(), not own_tensors, rank
 
 
-def engine_kwargs(rl_path: str | None, base_path: str, adapters: Mapping[str, str] | None = None) -> dict[str, Any]:
+def engine_kwargs(rl_path: str | None, base_path: str, adapters: Mapping[str, str] | None = None, *,
+                  runtime_loading: bool = False, max_loras: int = 0, max_lora_rank: int = 0) -> dict[str, Any]:
     """vLLM engine arguments (as `LLM(**kw)` / `AsyncEngineArgs(**kw)`) for the pair: the stacked
     model when `rl_path` is a LoRA adapter directory of the base, or `adapters` ({name: adapter
     directory}, the first the default) are given; else the two-backbone model. Also tells admission
-    (settings.set_served_adapters, in this process) which adapters requests may name."""
+    (settings.set_served_adapters, in this process) which adapters requests may name. With
+    `runtime_loading` the stacked model holds `max_loras` adapters (at least those given) of rank
+    `max_lora_rank` (default: the largest given, at least 16) on every projection."""
     from rlvrx.server.engine.adapter import has_tokenizer, is_adapter_dir
 
     processing = {"logits_processors": [PROCESSOR], "logprobs_mode": "processed_logprobs"}
@@ -153,8 +159,10 @@ def engine_kwargs(rl_path: str | None, base_path: str, adapters: Mapping[str, st
         adapters = {Path(rl_path).resolve().name: rl_path}
     if adapters:
         adapters = {name: str(Path(path).resolve()) for name, path in adapters.items()}
-        architecture, scalable = check_adapters(adapters, base_path)
+        architecture, scalable, rank = check_adapters(adapters, base_path)
         settings.set_served_adapters(settings.ServedAdapters(tuple(adapters), scalable))
+        capacity = {"rlvrx_runtime_loading": True, "rlvrx_max_loras": max(max_loras, len(adapters)),
+                    "rlvrx_max_lora_rank": max(max_lora_rank or 16, rank)} if runtime_loading else {}
         first = next(iter(adapters.values()))
         return {
             "model": base_path,
@@ -164,6 +172,7 @@ def engine_kwargs(rl_path: str | None, base_path: str, adapters: Mapping[str, st
                 "rlvrx_inner_architecture": architecture,
                 "rlvrx_adapter_path": first,
                 "rlvrx_adapters": adapters,
+                **capacity,
             },
             **processing,
         }

@@ -160,11 +160,14 @@ class ExtrapolationLogitsProcessor(LogitsProcessor):
         over temperature and top-p."""
         check_private(params.extra_args or {})
         found = read_settings(params, settings_mod.server_defaults())
+        served = settings_mod.served_adapters()
         try:
-            found = settings_mod.check_adapters(found, settings_mod.served_adapters())
+            found = settings_mod.check_adapters(found, served)
         except settings_mod.SettingsError as exc:
             raise VLLMValidationError(str(exc), parameter=exc.field) from None
         args = {**(params.extra_args or {}), **found.as_xargs()}
+        if served.names:
+            args[settings_mod.ADAPTERS_KEY] = served.cache_key(found)
         if found.passthrough is None and TEMPERATURE_KEY not in args:
             args.update({TEMPERATURE_KEY: params.temperature, TOP_P_KEY: params.top_p,
                          stats.ADMISSION_KEY: stats.ADMISSION_TOKEN})

@@ -8,7 +8,7 @@ Errors name the offending field, so the HTTP layer can answer 400 with `param` s
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rlvrx.kernels import SELECTION
@@ -22,6 +22,10 @@ GENERATORS = ("base", "rl")
 SELECTIONS = tuple(SELECTION)
 GAMMA_RANGE = (-1.0, 10.0)
 LORA_SCALE_RANGE = (0.0, 10.0)
+# A stacked engine's requests: the adapters (as loaded now) and scale their KV depends on, written at
+# admission (server.engine.processor) and read where the engine core keys prefix caching
+# (server.engine.adapter_rows).
+ADAPTERS_KEY = "adapters_cache_key"
 MAX_CANDIDATES = 1 << 20
 
 
@@ -166,6 +170,13 @@ class ServedAdapters:
 
     names: tuple[str, ...] = ()
     scalable: bool = False
+    # name → the key its KV blocks are cached under: a new one each time a name is loaded at run time
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def cache_key(self, found: Extrapolation) -> str:
+        """What a request's cached KV depends on: both streams' adapters (as loaded now) and the scale."""
+        key = lambda name: self.keys.get(name, name)  # noqa: E731
+        return f"{key(found.adapter)}|{key(found.base_adapter)}|{found.lora_scale!r}"
 
 
 _served_adapters = ServedAdapters()

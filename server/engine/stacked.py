@@ -27,6 +27,7 @@ their own input columns of A, and the delta joins the layer's output before the 
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -112,52 +113,74 @@ def output_shards(linear: QKVParallelLinear | MergedColumnParallelLinear) -> lis
     return [slice(rank * (s // linear.tp_size), (rank + 1) * (s // linear.tp_size)) for s in linear.output_sizes]
 
 
-class LoraDelta(nn.Module):
-    """This rank's shard of every adapter's LoRA of one (packed) linear layer: A [adapters, R, in] and
-    B [adapters, out, R], ranks padded with zeros to the largest (an adapter that leaves the layer
-    alone is all zero); each row adds its own adapter's delta (server.engine.adapter_rows)."""
+@dataclass(frozen=True)
+class Capacity:
+    """What the LoRA layers hold: `slots` adapters (those of the start-up, or `--max-loras`), each up to
+    rank `rank` per projection at least (0: as the start-up adapters need), and with runtime loading a
+    LoRA on every projection (an adapter loaded later may target any)."""
 
-    def __init__(self, adapters: list[Adapter], layer: int, names: tuple[str, ...], linear: nn.Module):
+    slots: int
+    rank: int = 0
+    every_projection: bool = False
+
+    @classmethod
+    def of(cls, config, adapters: list[Adapter]) -> "Capacity":
+        runtime = getattr(config, "rlvrx_runtime_loading", False)
+        return cls(max(len(adapters), getattr(config, "rlvrx_max_loras", 0)),
+                   getattr(config, "rlvrx_max_lora_rank", 0) if runtime else 0, runtime)
+
+
+class LoraDelta(nn.Module):
+    """This rank's shard of every adapter's LoRA of one (packed) linear layer: A [slots, R, in] and
+    B [slots, out, R], ranks padded with zeros to the largest (an adapter that leaves the layer alone,
+    or an empty slot, is all zero); each row adds its own adapter's delta (server.engine.adapter_rows)."""
+
+    def __init__(self, adapters: list[Adapter], capacity: Capacity, layer: int, names: tuple[str, ...],
+                 linear: nn.Module):
         super().__init__()
         self.layer, self.names = layer, names
         if isinstance(linear, RowParallelLinear):
-            width = linear.input_size_per_partition
+            width, height = linear.input_size_per_partition, linear.output_size
             self.in_shard, self.out_shards = slice(linear.tp_rank * width, (linear.tp_rank + 1) * width), [slice(None)]
         else:
+            width, height = linear.input_size, linear.output_size_per_partition
             self.in_shard, self.out_shards = slice(None), output_shards(linear)
-        a, b = self.shards(adapters)
-        self.a = nn.Parameter(torch.empty(a.shape), requires_grad=False)
-        self.b = nn.Parameter(torch.empty(b.shape), requires_grad=False)
+        # a packed layer's A stacks its projections' ranks
+        rank = max([capacity.rank * len(names), *(a.shape[0] for a, _ in filter(None, map(self.shard, adapters)))])
+        self.a = nn.Parameter(torch.zeros(capacity.slots, rank, width), requires_grad=False)
+        self.b = nn.Parameter(torch.zeros(capacity.slots, height, rank), requires_grad=False)
 
-    def shards(self, adapters: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor]:
-        shards = [None if (p := adapter.packed(self.layer, self.names)) is None
-                  else (p[0][:, self.in_shard], torch.cat([b[s] for b, s in zip(p[1], self.out_shards)]))
-                  for adapter in adapters]
-        width, height = next((a.shape[1], b.shape[0]) for a, b in filter(None, shards))
-        rank = max(a.shape[0] for a, _ in filter(None, shards))
-        a_all, b_all = torch.zeros(len(adapters), rank, width), torch.zeros(len(adapters), height, rank)
-        for slot, shard in enumerate(shards):
-            if shard is not None:
-                a, b = shard
-                a_all[slot, :a.shape[0]], b_all[slot, :, :a.shape[0]] = a, b
-        return a_all, b_all
+    def shard(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's A [r, in] and B [out, r] of the adapter (s folded into B), or None."""
+        packed = adapter.packed(self.layer, self.names)
+        if packed is None:
+            return None
+        a, bs = packed
+        return a[:, self.in_shard], torch.cat([b[s] for b, s in zip(bs, self.out_shards)])
 
     @torch.no_grad()
-    def load(self, adapters: list[Adapter]) -> None:
-        a, b = self.shards(adapters)
-        self.a.copy_(a)
-        self.b.copy_(b)
+    def load(self, slot: int, adapter: Adapter | None) -> None:
+        """Put the adapter in the slot (None: empty it)."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        if adapter is not None and (shard := self.shard(adapter)) is not None:
+            a, b = shard
+            if a.shape[0] > self.a.shape[1]:
+                raise ValueError(f"rank {a.shape[0]} is above the {self.a.shape[1]} these layers hold")
+            self.a[slot, :a.shape[0]] = a
+            self.b[slot, :, :a.shape[0]] = b
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out plus each row's delta (the RL rows' adapter; the base rows' when they have one)."""
         return out + lora_delta(x, self.a, self.b)
 
 
-def layer_lora(adapters: list[Adapter], layer: int, names: tuple[str, ...], linear: nn.Module) -> LoraDelta | None:
-    """The layer's LoRA, or None when no adapter targets it."""
-    if all(adapter.packed(layer, names) is None for adapter in adapters):
+def layer_lora(adapters: list[Adapter], capacity: Capacity, layer: int, names: tuple[str, ...],
+               linear: nn.Module) -> LoraDelta | None:
+    """The layer's LoRA, or None when no adapter targets it (and none can be loaded later)."""
+    if not capacity.every_projection and all(adapter.packed(layer, names) is None for adapter in adapters):
         return None
-    return LoraDelta(adapters, layer, names, linear)
+    return LoraDelta(adapters, capacity, layer, names, linear)
 
 
 def reduced(linear: RowParallelLinear, lora: LoraDelta | None, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +195,8 @@ def reduced(linear: RowParallelLinear, lora: LoraDelta | None, x: torch.Tensor) 
 
 
 class StackedAttention(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, family: str, adapters: list[Adapter], layer: int, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, family: str, adapters: list[Adapter], capacity: Capacity, layer: int,
+                 prefix: str):
         super().__init__()
         config, adapter = vllm_config.model_config.hf_config, adapters[0]
         heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -187,8 +211,8 @@ class StackedAttention(nn.Module):
         self.qkv_bias_rl = nn.Parameter(torch.empty_like(self.qkv_proj.bias), requires_grad=False) if rl_bias else None
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias, reduce_results=False,
                                         skip_bias_add=True, prefix=f"{prefix}.o_proj")
-        self.qkv_lora = layer_lora(adapters, layer, ("q_proj", "k_proj", "v_proj"), self.qkv_proj)
-        self.o_lora = layer_lora(adapters, layer, ("o_proj",), self.o_proj)
+        self.qkv_lora = layer_lora(adapters, capacity, layer, ("q_proj", "k_proj", "v_proj"), self.qkv_proj)
+        self.o_lora = layer_lora(adapters, capacity, layer, ("o_proj",), self.o_proj)
         self.head_dim = head_dim
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
@@ -236,15 +260,15 @@ class StackedAttention(nn.Module):
 
 
 class StackedMLP(nn.Module):
-    def __init__(self, config, adapters: list[Adapter], layer: int, prefix: str):
+    def __init__(self, config, adapters: list[Adapter], capacity: Capacity, layer: int, prefix: str):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
                                                        prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
                                            reduce_results=False, skip_bias_add=True, prefix=f"{prefix}.down_proj")
-        self.gate_up_lora = layer_lora(adapters, layer, ("gate_proj", "up_proj"), self.gate_up_proj)
-        self.down_lora = layer_lora(adapters, layer, ("down_proj",), self.down_proj)
+        self.gate_up_lora = layer_lora(adapters, capacity, layer, ("gate_proj", "up_proj"), self.gate_up_proj)
+        self.down_lora = layer_lora(adapters, capacity, layer, ("down_proj",), self.down_proj)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act}: the stacked model has silu only")
         self.act_fn = SiluAndMul()
@@ -257,11 +281,12 @@ class StackedMLP(nn.Module):
 
 
 class StackedDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, family: str, adapters: list[Adapter], layer: int, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, family: str, adapters: list[Adapter], capacity: Capacity, layer: int,
+                 prefix: str):
         super().__init__()
         config, adapter = vllm_config.model_config.hf_config, adapters[0]
-        self.self_attn = StackedAttention(vllm_config, family, adapters, layer, prefix=f"{prefix}.self_attn")
-        self.mlp = StackedMLP(config, adapters, layer, prefix=f"{prefix}.mlp")
+        self.self_attn = StackedAttention(vllm_config, family, adapters, capacity, layer, prefix=f"{prefix}.self_attn")
+        self.mlp = StackedMLP(config, adapters, capacity, layer, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.input_layernorm_rl, self.post_attention_layernorm_rl = (
@@ -285,7 +310,7 @@ class StackedModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         family, adapters = read_config_adapters(vllm_config)
-        adapter = adapters[0]
+        adapter, capacity = adapters[0], Capacity.of(config, adapters)
         if family != "llama":
             set_default_rope_theta(config, default_theta=1000000)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
@@ -294,7 +319,7 @@ class StackedModel(nn.Module):
                                 if adapter.own_embeddings else None)
         self.lm_head_is_rl = "lm_head.weight" in adapter.rl.names
         self.layers = nn.ModuleList(
-            StackedDecoderLayer(vllm_config, family, adapters, i, prefix=f"{prefix}.layers.{i}")
+            StackedDecoderLayer(vllm_config, family, adapters, capacity, i, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -371,7 +396,8 @@ class StackedLoraForCausalLM(nn.Module):
         rl_tensors = adapter.rl.materialize(base_tensors)
         for name, module in self.named_modules():
             if isinstance(module, LoraDelta):
-                module.load(adapters)
+                for slot, one in enumerate(adapters):
+                    module.load(slot, one)
                 loaded |= {f"{name}.a", f"{name}.b"}
             elif isinstance(module, StackedAttention) and module.qkv_bias_rl is not None:
                 module.load_rl_biases(rl_tensors)
