@@ -7,12 +7,19 @@ against its float64 reference: PEFT's merge of each adapter (and of the adapter 
 greedy tokens and sampled log q. Eager with prefix caching on — a later batch sends the same long
 prompt under other adapters and scales, which must not reuse the first's KV blocks, while the same
 adapter again does — and compiled under tensor parallelism 2. `rlvrx serve --lora-modules` lists the
-names with the base as parent, serves each, and answers bad names and scales with a 400.
+names with the base as parent, serves each, and answers bad names and scales with a 400. With runtime
+loading on, adapters load and unload through vLLM's routes (checks, slots, in-flight requests, a name
+loaded again). Bad sets of adapters are refused at start-up in one line.
 """
 
 import math
 import shutil
+import subprocess
+import sys
+import threading
+import time
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -23,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from rlvrx.kernels import reference as ref
 from rlvrx.server.toy_pair import build_lora_child, merge_adapter
 from tests import engine_checks as checks
-from tests.conftest import next_logits, ref_settings, run_engine, start_server, stop_server
+from tests.conftest import ROOT, child_env, next_logits, ref_settings, run_engine, start_server, stop_server
 
 ADAPTERS = {  # name: LoRA options
     "a": {"rank": 4, "seed": 11},
@@ -135,8 +142,20 @@ def runs(adapters, tmp_path_factory) -> dict:
     base, paths, _, _ = adapters
     tmp = tmp_path_factory.mktemp("engine")
     spec = {"base": str(base), "adapters": {n: str(p) for n, p in paths.items()}, "batches": batches()}
+    single = [request(i, extra, kind) for i, (extra, _, _, kind) in enumerate(CASES) if i in SINGLE]
     return {"eager": run_engine({**spec, "prefix_caching": True}, tmp),
-            "compiled-tp2": run_engine({**spec, "eager": False, **TP}, tmp)}
+            "compiled-tp2": run_engine({**spec, "eager": False, **TP}, tmp),
+            "single": run_engine({"base": str(base), "adapters": {"b": str(paths["b"])}, "batches": [single],
+                                  "eager": False}, tmp)}
+
+
+# The cases one adapter (b) serves alone, in one batch: extrapolated and :rl at scales 1 and 1.5.
+SINGLE = (1, 7, 8)
+
+
+def test_one_adapter_scales_each_row_inside_the_compiled_graph(runs, models):
+    for i, got in zip(SINGLE, runs["single"][0]):
+        assert got[0]["token_ids"] == expected_greedy(models, CASES[i], checks.PROMPTS[i % 3]), CASES[i]
 
 
 def test_each_row_gets_its_adapter_scale_and_base_stream_in_one_batch(runs, models):
@@ -214,11 +233,6 @@ def greedy_tokens(client, model: str, prompt: list[int], max_tokens: int = check
 
 
 def test_adapters_load_and_unload_at_run_time(runtime_server, models):
-    import threading
-    import time
-
-    import httpx
-
     url, paths, big = runtime_server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
     post = lambda route, body: httpx.post(url + route, json=body, timeout=300)  # noqa: E731
@@ -264,3 +278,71 @@ def test_adapters_load_and_unload_at_run_time(runtime_server, models):
     assert load("c", paths["b"]).status_code == 200
     b_case = next(c for c in CASES if c[0]["adapter"] == "b" and c[3] == "q" and len(c[0]) == 5)
     assert greedy_tokens(client, "c", LONG_PROMPT) == expected_greedy(models, b_case, LONG_PROMPT)
+
+
+def serve_refusal(*args: str) -> str:
+    """The one line `rlvrx serve` ends with (exit code 2, before vLLM starts)."""
+    proc = subprocess.run([sys.executable, "-m", "rlvrx.server.cli", "serve", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlvrx: error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_serve_refuses_bad_adapter_sets_in_one_line(adapters, tmp_path):
+    base, paths, merged, _ = adapters
+    own = build_lora_child(base, tmp_path / "own", seed=15, modules_to_save=["norm"])[0]
+    a, b = f"a={paths['a']}", f"b={paths['b']}"
+    cases = {
+        "either --rl": ("--base", str(base), "--rl", str(paths["a"]), "--lora-modules", a),
+        "same name": ("--base", str(base), "--lora-modules", a, f"a={paths['b']}"),
+        "own name": ("--base", str(base), "--lora-modules", a, b, "--served-model-name", "x"),
+        "NAME=PATH": ("--base", str(base), "--lora-modules", "a:rl=" + str(paths["a"])),
+        "several adapters cannot share": ("--base", str(base), "--lora-modules", a, f"own={own}"),
+        "no adapter_config.json": ("--base", str(base), "--lora-modules", a, f"m={merged['b']}"),
+    }
+    for expected, args in cases.items():
+        assert expected in serve_refusal(*args), expected
+
+
+def test_rows_are_grouped_by_adapter_and_scale():
+    """Runs of requests that share a stream's adapter and scale join one range; base streams without
+    an adapter add nothing; a pass larger than the plan (padding) keeps the base half's offset."""
+    from rlvrx.server.engine.adapter_rows import AdapterRows, grouped
+
+    streams = [((0, 1.0), None), ((0, 1.0), None), ((1, 1.0), (0, 1.0)), ((0, 1.5), None), ((0, 1.0), None)]
+    counts = np.array([3, 1, 2, 1, 4])
+    groups = {(g.stream, g.slot, g.scale): g.ranges for g in grouped(streams, counts)}
+    assert groups == {(0, 0, 1.0): ((0, 4), (7, 11)), (0, 1, 1.0): ((4, 6),), (1, 0, 1.0): ((4, 6),),
+                      (0, 0, 1.5): ((6, 7),)}
+    rows = AdapterRows()
+    assert rows.rows(8, torch.device("cpu")) == [(0, 1.0, slice(0, 4))]  # no plan: a warm-up pass
+    rows.tokens, rows.groups = 11, grouped(streams, counts)
+    (slot, scale, index), *others = rows.rows(2 * 12, torch.device("cpu"))  # padded to 12 tokens
+    assert (slot, scale, index.tolist()) == (0, 1.0, [0, 1, 2, 3, 7, 8, 9, 10])
+    assert others == [(1, 1.0, slice(4, 6)), (0, 1.0, slice(16, 18)), (0, 1.5, slice(6, 7))]  # base half at 12
+
+
+def test_adapter_settings_are_checked_against_the_served_adapters():
+    from rlvrx.server.engine import settings as s
+
+    served = s.ServedAdapters(("a", "b"), scalable=True)
+    assert s.check_adapters(s.Extrapolation(), served).adapter == "a"
+    assert s.check_adapters(s.Extrapolation(adapter="b", base_adapter="a"), served).base_adapter == "a"
+    for found, field in ((s.Extrapolation(base_adapter="z"), "base_adapter"), (s.Extrapolation(adapter="z"), "model")):
+        with pytest.raises(s.SettingsError) as err:
+            s.check_adapters(found, served)
+        assert err.value.field == field
+    with pytest.raises(s.SettingsError) as err:  # an adapter with its own embeddings cannot be scaled
+        s.check_adapters(s.Extrapolation(lora_scale=2.0), s.ServedAdapters(("a",), scalable=False))
+    assert err.value.field == "lora_scale"
+    with pytest.raises(s.SettingsError):  # two full checkpoints have no adapters
+        s.check_adapters(s.Extrapolation(base_adapter="a"), s.ServedAdapters())
+    with pytest.raises(s.SettingsError) as err:
+        s.parse({"lora_scale": -1})
+    assert err.value.field == "lora_scale"
+    key = served.cache_key
+    assert key(s.Extrapolation(adapter="a")) != key(s.Extrapolation(adapter="a", lora_scale=1.5))
+    assert key(s.Extrapolation(adapter="a")) != s.ServedAdapters(("a",), True, {"a": "a#1"}).cache_key(
+        s.Extrapolation(adapter="a"))

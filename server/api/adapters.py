@@ -22,7 +22,6 @@ from vllm.entrypoints.openai.models.protocol import BaseModelPath
 
 from rlvrx.server.api.errors import error_body, send_json
 from rlvrx.server.engine import settings as settings_mod
-from rlvrx.server.engine.adapter import is_adapter_dir
 from rlvrx.server.engine.adapter_loading import LOAD, UNLOAD
 from rlvrx.server.engine.pair import PairError, check_adapters
 
@@ -86,9 +85,6 @@ async def load(table: AdapterTable, payload: Any, app) -> str:
     if name in table.paths or name in table.busy:
         raise AdapterRequestError(f"an adapter named {name!r} is already served; unload it first", "lora_name")
     base_path = app.state.args.model
-    if not is_adapter_dir(path):
-        raise AdapterRequestError(f"{path!r} is not a LoRA adapter directory (no adapter_config.json there)",
-                                  "lora_path")
     try:
         _, _, rank = await asyncio.to_thread(check_adapters, {**table.paths, name: path}, base_path)
     except (PairError, OSError) as exc:

@@ -8,11 +8,13 @@ or another served adapter (`base_adapter`, e.g. an earlier checkpoint of the sam
 
 Before each forward pass the model runner's `_prepare_inputs` is followed by `plan_step`, which turns
 the batch's requests and scheduled token counts into groups of rows that share one adapter and scale
-(`ROWS`, this process's plan). Every LoRA layer of the stacked model then calls `lora_delta`, a custom
-op (opaque to torch.compile, so the compiled graph reads each step's plan): one low-rank product per
-group over that group's rows only, so a step costs the adapters it uses, once each, whatever the
-number of adapters held. Forward passes with no plan of their own (vLLM's warm-up and profiling runs)
-give every RL row the first adapter.
+(`ROWS`, this process's plan). With several adapters every LoRA layer of the stacked model then calls
+`lora_delta`, a custom op (opaque to torch.compile, so the compiled graph reads each step's plan): one
+low-rank product per group over that group's rows only, so a step costs the adapters it uses, once
+each, whatever the number of adapters held. Forward passes with no plan of their own (vLLM's warm-up
+and profiling runs) give every RL row the first adapter. With one adapter there is nothing to group:
+the layers add it to every RL row inside the compiled graph, each token's row scaled by its
+request's `lora_scale` (`token_scales`, written here before each step), at the cost of one adapter.
 
 The KV cache of a row depends on both streams' adapters and the scale, so prefix caching keys each
 request's blocks by them (`salt_cache`): vLLM's block hash takes the request's `cache_salt`.
@@ -74,6 +76,10 @@ class AdapterRows:
         self.requests: dict[str, tuple] = {}  # request id → request_streams(), cached
         self.tokens = 0  # scheduled tokens of the planned step (0: no plan)
         self.groups: tuple[Group, ...] = ()
+        # One adapter: each token's scale of its RL row's delta (set by the stacked model, read inside
+        # its compiled graph); `scaled` tokens at its start may hold a scale other than 1.
+        self.token_scales: torch.Tensor | None = None
+        self.scaled = 0
 
     def plan_step(self, runner, num_scheduled_tokens: np.ndarray) -> None:
         streams = []
@@ -88,6 +94,19 @@ class AdapterRows:
         self.tokens = int(num_scheduled_tokens.sum())
         self.groups = grouped(streams, num_scheduled_tokens)
         self.indices.cache_clear()
+        if self.token_scales is not None:
+            self.write_scales([rl[1] for rl, _ in streams], num_scheduled_tokens)
+
+    def write_scales(self, scales: list[float], counts: np.ndarray) -> None:
+        if all(scale == 1.0 for scale in scales):
+            if self.scaled:
+                self.token_scales[:self.scaled].fill_(1.0)
+            self.scaled = 0
+            return
+        per_token = np.repeat(np.asarray(scales, dtype=np.float32), counts)
+        self.token_scales[:len(per_token)].copy_(to_device(per_token.tolist(), self.token_scales.dtype,
+                                                           self.token_scales.device))
+        self.scaled = len(per_token)
 
     def rows(self, num_rows: int, device: torch.device) -> list[tuple[int, float, slice | torch.Tensor]]:
         """(slot, scale, rows) of each group, for a forward pass over `num_rows` = 2·T rows (T ≥ the

@@ -130,8 +130,12 @@ def check_adapters(adapters: Mapping[str, str], base_path: str) -> tuple[str, bo
     """Raise PairError unless every adapter can be served on the base, and several adapters together;
     return the base's architecture, whether every adapter is LoRA on the projections only, and the
     largest rank of any projection."""
-    from rlvrx.server.engine.adapter import read_adapter
+    from rlvrx.server.engine.adapter import is_adapter_dir, read_adapter
 
+    for name, path in adapters.items():
+        if not is_adapter_dir(path):
+            raise PairError(f"adapter {name!r}: {str(path)!r} is not a LoRA adapter directory (no "
+                            "adapter_config.json there); serve a full RL checkpoint with --rl")
     architectures = {check_adapter_pair(path, base_path) for path in adapters.values()}
     base = read_config(base_path, "base")
     read = {name: read_adapter(path, base) for name, path in adapters.items()}
@@ -160,8 +164,9 @@ def engine_kwargs(rl_path: str | None, base_path: str, adapters: Mapping[str, st
     if adapters:
         adapters = {name: str(Path(path).resolve()) for name, path in adapters.items()}
         architecture, scalable, rank = check_adapters(adapters, base_path)
-        settings.set_served_adapters(settings.ServedAdapters(tuple(adapters), scalable))
-        capacity = {"rlvrx_runtime_loading": True, "rlvrx_max_loras": max(max_loras, len(adapters)),
+        slots = max(max_loras if runtime_loading else 0, len(adapters))
+        settings.set_served_adapters(settings.ServedAdapters(tuple(adapters), scalable, base_streams=slots > 1))
+        capacity = {"rlvrx_runtime_loading": True, "rlvrx_max_loras": slots,
                     "rlvrx_max_lora_rank": max(max_lora_rank or 16, rank)} if runtime_loading else {}
         first = next(iter(adapters.values()))
         return {

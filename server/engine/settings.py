@@ -93,12 +93,18 @@ def _number(field: str, value: Any) -> float:
     return float(value)
 
 
-def parse_gamma(value: Any) -> float:
-    gamma = _number("gamma", value)
-    lo, hi = GAMMA_RANGE
-    if not lo <= gamma <= hi:
-        raise SettingsError("gamma", f"'gamma' must be in [{lo:g}, {hi:g}], got {value!r}")
-    return gamma
+def ranged(field: str, bounds: tuple[float, float]):
+    """The parser of a number field that must lie in [lo, hi]."""
+    def parse_number(value: Any) -> float:
+        number = _number(field, value)
+        lo, hi = bounds
+        if not lo <= number <= hi:
+            raise SettingsError(field, f"'{field}' must be in [{lo:g}, {hi:g}], got {value!r}")
+        return number
+    return parse_number
+
+
+parse_gamma = ranged("gamma", GAMMA_RANGE)
 
 
 def parse_tau(value: Any) -> float:
@@ -145,14 +151,6 @@ def parse_preset(value: Any) -> str:
     return value
 
 
-def parse_lora_scale(value: Any) -> float:
-    scale = _number("lora_scale", value)
-    lo, hi = LORA_SCALE_RANGE
-    if not lo <= scale <= hi:
-        raise SettingsError("lora_scale", f"'lora_scale' must be in [{lo:g}, {hi:g}], got {value!r}")
-    return scale
-
-
 def adapter_parser(field: str):
     def parse_name(value: Any) -> str:
         if not isinstance(value, str):
@@ -170,6 +168,7 @@ class ServedAdapters:
 
     names: tuple[str, ...] = ()
     scalable: bool = False
+    base_streams: bool = False  # the engine holds several adapters, so a base stream can be one of them
     # name → the key its KV blocks are cached under: a new one each time a name is loaded at run time
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -210,6 +209,9 @@ def check_adapters(found: Extrapolation, served: ServedAdapters) -> Extrapolatio
         field = "base_adapter" if found.base_adapter else "lora_scale"
         raise SettingsError(field, f"'{field}' needs adapters that are LoRA on the projections only; a served "
                                    "adapter also changes embeddings, norms, biases or the output head")
+    if found.base_adapter and not served.base_streams:
+        raise SettingsError("base_adapter", "'base_adapter' needs an engine of several adapters (--lora-modules "
+                                            "with two or more, or runtime loading with --max-loras of 2 or more)")
     return replace(found, adapter=found.adapter or served.names[0])
 
 
@@ -231,7 +233,7 @@ def server_defaults() -> Extrapolation:
 _PARSERS = {"gamma": parse_gamma, "tau": parse_tau, "generator": parse_generator,
             "candidates": parse_candidates, "selection": parse_selection, "preset": parse_preset,
             "adapter": adapter_parser("adapter"), "base_adapter": adapter_parser("base_adapter"),
-            "lora_scale": parse_lora_scale}
+            "lora_scale": ranged("lora_scale", LORA_SCALE_RANGE)}
 
 
 def parse(values: Mapping[str, Any] | None, defaults: Extrapolation = Extrapolation(),

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
@@ -123,6 +124,12 @@ class Capacity:
     rank: int = 0
     every_projection: bool = False
 
+    @property
+    def grouped(self) -> bool:
+        """Rows may use different adapters: the layers call the grouped product (adapter_rows.lora_delta);
+        with one adapter they add it to every RL row inside the compiled graph, at each row's scale."""
+        return self.slots > 1
+
     @classmethod
     def of(cls, config, adapters: list[Adapter]) -> "Capacity":
         runtime = getattr(config, "rlvrx_runtime_loading", False)
@@ -149,6 +156,9 @@ class LoraDelta(nn.Module):
         rank = max([capacity.rank * len(names), *(a.shape[0] for a, _ in filter(None, map(self.shard, adapters)))])
         self.a = nn.Parameter(torch.zeros(capacity.slots, rank, width), requires_grad=False)
         self.b = nn.Parameter(torch.zeros(capacity.slots, height, rank), requires_grad=False)
+        self.grouped = capacity.grouped
+        if not self.grouped:  # each token's scale of its RL row's delta, written before each step
+            self.register_buffer("scales", ROWS.token_scales, persistent=False)
 
     def shard(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This rank's A [r, in] and B [out, r] of the adapter (s folded into B), or None."""
@@ -172,7 +182,11 @@ class LoraDelta(nn.Module):
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out plus each row's delta (the RL rows' adapter; the base rows' when they have one)."""
-        return out + lora_delta(x, self.a, self.b)
+        if self.grouped:
+            return out + lora_delta(x, self.a, self.b)
+        t = x.shape[0] // 2  # the RL stream's rows
+        out[:t] += F.linear(F.linear(x[:t], self.a[0]) * self.scales[:t, None], self.b[0])
+        return out
 
 
 def layer_lora(adapters: list[Adapter], capacity: Capacity, layer: int, names: tuple[str, ...],
@@ -311,6 +325,7 @@ class StackedModel(nn.Module):
         config = vllm_config.model_config.hf_config
         family, adapters = read_config_adapters(vllm_config)
         adapter, capacity = adapters[0], Capacity.of(config, adapters)
+        ROWS.token_scales = torch.ones(vllm_config.scheduler_config.max_num_batched_tokens)
         if family != "llama":
             set_default_rope_theta(config, default_theta=1000000)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
