@@ -281,11 +281,14 @@ def test_adapters_load_and_unload_at_run_time(runtime_server, models):
 
 
 def serve_refusal(*args: str) -> str:
-    """The one line `rlvrx serve` ends with (exit code 2, before vLLM starts)."""
+    """The line `rlvrx serve` ends with (exit code 2, before vLLM starts; alone, or after argparse's usage)."""
     proc = subprocess.run([sys.executable, "-m", "rlvrx.server.cli", "serve", *args], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    if lines[-1].startswith("rlvrx serve: error: "):  # argparse's own: its usage, then the line
+        return lines[-1]
     assert len(lines) == 1 and lines[0].startswith("rlvrx: error: "), proc.stderr[-3000:]
     return lines[0]
 
@@ -327,7 +330,7 @@ def test_rows_are_grouped_by_adapter_and_scale():
 def test_adapter_settings_are_checked_against_the_served_adapters():
     from rlvrx.server.engine import settings as s
 
-    served = s.ServedAdapters(("a", "b"), scalable=True)
+    served = s.ServedAdapters(("a", "b"), scalable=True, base_streams=True)
     assert s.check_adapters(s.Extrapolation(), served).adapter == "a"
     assert s.check_adapters(s.Extrapolation(adapter="b", base_adapter="a"), served).base_adapter == "a"
     for found, field in ((s.Extrapolation(base_adapter="z"), "base_adapter"), (s.Extrapolation(adapter="z"), "model")):
@@ -337,6 +340,9 @@ def test_adapter_settings_are_checked_against_the_served_adapters():
     with pytest.raises(s.SettingsError) as err:  # an adapter with its own embeddings cannot be scaled
         s.check_adapters(s.Extrapolation(lora_scale=2.0), s.ServedAdapters(("a",), scalable=False))
     assert err.value.field == "lora_scale"
+    with pytest.raises(s.SettingsError) as err:  # one adapter: no other adapter for the base stream
+        s.check_adapters(s.Extrapolation(base_adapter="a"), s.ServedAdapters(("a",), scalable=True))
+    assert err.value.field == "base_adapter"
     with pytest.raises(s.SettingsError):  # two full checkpoints have no adapters
         s.check_adapters(s.Extrapolation(base_adapter="a"), s.ServedAdapters())
     with pytest.raises(s.SettingsError) as err:
@@ -344,5 +350,5 @@ def test_adapter_settings_are_checked_against_the_served_adapters():
     assert err.value.field == "lora_scale"
     key = served.cache_key
     assert key(s.Extrapolation(adapter="a")) != key(s.Extrapolation(adapter="a", lora_scale=1.5))
-    assert key(s.Extrapolation(adapter="a")) != s.ServedAdapters(("a",), True, {"a": "a#1"}).cache_key(
+    assert key(s.Extrapolation(adapter="a")) != s.ServedAdapters(("a",), True, keys={"a": "a#1"}).cache_key(
         s.Extrapolation(adapter="a"))
