@@ -20,6 +20,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_served_adapters_leak():
+    """`pair.engine_kwargs` tells this process which adapters requests may name (a process-wide
+    setting, as in the server); a test that calls it must not change what later tests admit."""
+    from rlvrx.server.engine import settings
+
+    served = settings.served_adapters()
+    yield
+    settings.set_served_adapters(served)
+
+
 @pytest.fixture(scope="session")
 def toy_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """{"qwen2": (base, rl), "llama": (base, rl)}: tiny random pairs, RL = base + noise."""
