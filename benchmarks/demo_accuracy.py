@@ -32,7 +32,8 @@ def write_problems(out: Path, count: int) -> list[dict]:
     return evaluation.load_problems(str(data))
 
 
-def run_all(url: str, model: str, problems: list[dict], runs: dict, n: int, out: Path) -> list[dict]:
+def run_all(url: str, model: str, problems: list[dict], runs: dict, n: int, out: Path, max_tokens: int = 8,
+            scoring: str = "exact", concurrency: int = 32) -> list[dict]:
     """Each run {name: (settings, temperature, top_p)} through `evaluation.run`; prints and
     writes (summary.json) one table of every setting of every run."""
     import openai
@@ -41,18 +42,18 @@ def run_all(url: str, model: str, problems: list[dict], runs: dict, n: int, out:
     table = []
     for name, (settings, temperature, top_p) in runs.items():
         results = out / f"{name}.jsonl"
-        sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": 8, "seed": 7}
-        evaluation.run(client, model, problems, settings, n, sampling, results, concurrency=32,
-                       suffix="", scoring="exact", progress=False)
+        sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": 7}
+        evaluation.run(client, model, problems, settings, n, sampling, results, concurrency=concurrency,
+                       suffix="", scoring=scoring, progress=False)
         rows = evaluation.summarize(results, [n])
         evaluation.plot(rows, results.with_suffix(".png"))
         results.with_suffix(".summary.json").write_text(json.dumps(rows, indent=2))
         for row in rows:
             table.append({"run": name, "T": temperature, "top_p": top_p, **row})
-    print(f"{'run':<22} {'setting':<72} {'avg@n':>6} {'pass@n':>6} {'extrap':>6}")
+    print(f"{'run':<22} {'setting':<72} {'avg@n':>6} {'±ci95':>6} {'pass@n':>6} {'extrap':>6}")
     for row in table:
-        print(f"{row['run']:<22} {row['setting']:<72} {row['avg@n']:>6.3f} {row[f'pass@{n}']:>6.3f} "
-              f"{row['extrapolation_rate']:>6.3f}")
+        print(f"{row['run']:<22} {row['setting']:<72} {row['avg@n']:>6.3f} {row['ci95']:>6.3f} "
+              f"{row[f'pass@{n}']:>6.3f} {row['extrapolation_rate']:>6.3f}")
     (out / "summary.json").write_text(json.dumps(table, indent=2))
     return table
 

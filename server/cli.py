@@ -93,8 +93,8 @@ def our_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None)
     ev.add_argument("--concurrency", type=int, default=16)
     ev.add_argument("--prompt-suffix", default=None, help="appended to each problem (default: the paper's)")
-    ev.add_argument("--scoring", choices=("boxed", "exact"), default="boxed",
-                    help="boxed: math-verify on the last \\boxed{}; exact: the whole answer")
+    ev.add_argument("--scoring", choices=("boxed", "exact", "number"), default="boxed",
+                    help="boxed: math-verify on the last \\boxed{}; exact: the whole answer; number: the last integer")
     ev.add_argument("--out", default="eval/results.jsonl", help="results JSONL (appended; reruns resume)")
     ev.add_argument("--plot", default=None, help="PNG of accuracy against γ per τ (default: next to --out)")
     extract = sub.add_parser("lora-extract", help="a full RL checkpoint as a LoRA adapter of its base "

@@ -10,6 +10,7 @@ appended to a JSONL at once, so an interrupted run resumes where it stopped.
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -71,11 +72,22 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def final_number(text: str) -> str | None:
+    """The last integer of `text`, after its last 'Answer:' when one is followed by a number,
+    without thousands separators; None when there is none."""
+    pattern = r"-?\d[\d,]*"
+    numbers = re.findall(pattern, text.rsplit("Answer:", 1)[-1]) or re.findall(pattern, text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
 def is_correct(response: str, answer: str, scoring: str = "boxed") -> bool:
     """`boxed`: math-verify on the last \\boxed{} of the response against the reference
-    answer; `exact`: the stripped response equals the answer."""
+    answer; `exact`: the stripped response equals the answer; `number`: the last integer of
+    the response (see `final_number`) equals the answer."""
     if scoring == "exact":
         return response.strip() == answer.strip()
+    if scoring == "number":
+        return final_number(response) == answer.strip()
     from math_verify import parse, verify
 
     boxed = last_boxed(response)
@@ -148,7 +160,9 @@ def run(client, model: str, problems: list[dict], settings: list[Setting], n: in
 
 
 def summarize(results_path: Path, ks: list[int]) -> list[dict]:
-    """Per setting: avg@n, pass@k, extrapolation rate, problems."""
+    """Per setting: avg@n with its 95% confidence interval over problems (`ci95`, the
+    half-width: 1.96 standard errors of the per-problem accuracies), pass@k, extrapolation
+    rate, problems."""
     by_setting: dict[str, list[dict]] = {}
     for line in results_path.read_text().splitlines():
         if line:
@@ -156,8 +170,11 @@ def summarize(results_path: Path, ks: list[int]) -> list[dict]:
             by_setting.setdefault(record["setting"], []).append(record)
     rows = []
     for key, records in by_setting.items():
-        row = {"setting": key, **records[0]["setting_fields"], "problems": len(records),
-               "avg@n": sum(sum(r["correct"]) / len(r["correct"]) for r in records) / len(records)}
+        accuracies = [sum(r["correct"]) / len(r["correct"]) for r in records]
+        mean = sum(accuracies) / len(accuracies)
+        spread = sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1) if len(accuracies) > 1 else 0.0
+        row = {"setting": key, **records[0]["setting_fields"], "problems": len(records), "avg@n": mean,
+               "ci95": 1.96 * math.sqrt(spread / len(accuracies))}
         for k in ks:
             usable = [r for r in records if len(r["correct"]) >= k]
             row[f"pass@{k}"] = (sum(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in usable) / len(usable)
@@ -169,12 +186,12 @@ def summarize(results_path: Path, ks: list[int]) -> list[dict]:
 
 
 def format_table(rows: list[dict], ks: list[int]) -> str:
-    header = f"{'setting':<60} {'problems':>8} {'avg@n':>7} " + " ".join(f"{'pass@' + str(k):>7}" for k in ks) + \
+    header = f"{'setting':<60} {'problems':>8} {'avg@n':>7} {'±ci95':>6} " + " ".join(f"{'pass@' + str(k):>7}" for k in ks) + \
              f" {'extrap':>7}"
     lines = [header]
     for row in rows:
         passes = " ".join(f"{row[f'pass@{k}']:>7.3f}" if row[f"pass@{k}"] is not None else f"{'-':>7}" for k in ks)
-        lines.append(f"{row['setting']:<60} {row['problems']:>8} {row['avg@n']:>7.3f} {passes} "
+        lines.append(f"{row['setting']:<60} {row['problems']:>8} {row['avg@n']:>7.3f} {row['ci95']:>6.3f} {passes} "
                      f"{row['extrapolation_rate']:>7.3f}")
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 
@@ -31,6 +32,36 @@ def test_is_correct_uses_math_verify_on_the_last_box(response, answer, expected)
 def test_exact_scoring_compares_the_whole_answer():
     assert evaluation.is_correct(" 9750 ", "9750", "exact")
     assert not evaluation.is_correct("9751", "9750", "exact")
+
+
+@pytest.mark.parametrize("response, answer, expected", [
+    ("3 + 4 = 7.\nAnswer: 7", "7", True),
+    ("Answer: 7, since 3 + 4 = 7", "7", True),     # the last number after the last 'Answer:'
+    ("Answer: 8. Oh wait, 9", "9", True),
+    ("Answer: 12 apples, not 13", "12", False),     # last number after 'Answer:' is 13
+    ("The total is 1,200", "1200", True),
+    ("5 - 9 = -4", "-4", True),
+    ("Answer: none; 6 left", "6", True),
+    ("Answer:", "6", False),
+    ("I have 6 cats and 7 dogs", "6", False),
+    ("", "0", False),
+])
+def test_number_scoring_takes_the_last_integer(response, answer, expected):
+    assert evaluation.is_correct(response, answer, "number") is expected
+
+
+def test_summary_reports_a_confidence_interval_over_problems(tmp_path):
+    per_problem = [[True, True, False, False], [True, True, True, True], [False, False, False, True]]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps({"setting": "rl", "setting_fields": {"preset": "rl"}, "problem_id": str(i),
+                                           "answer": "1", "responses": [""] * 4, "correct": correct,
+                                           "completion_tokens": 4, "extrapolated_tokens": 0}) + "\n"
+                               for i, correct in enumerate(per_problem)))
+    [row] = evaluation.summarize(results, [1])
+    accuracies = [sum(c) / len(c) for c in per_problem]
+    assert row["avg@n"] == pytest.approx(statistics.mean(accuracies))
+    assert row["ci95"] == pytest.approx(1.96 * statistics.stdev(accuracies) / len(accuracies) ** 0.5)
+    assert "±ci95" in evaluation.format_table([row], [1])
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
