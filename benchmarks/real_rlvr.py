@@ -87,13 +87,14 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def ship(final: Path, target: Path) -> None:
-    """Copy the trained adapter and the tokenizer files into the repository (`target`)."""
+    """Copy the adapter the trainer saved (its config, weights and model card) into the repository;
+    the tokenizer is the base's."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for item in final.iterdir():
-        if item.is_file() and item.name != "training_args.bin":
-            shutil.copy(item, target / item.name)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        shutil.copy(final / name, target / name)
+    shutil.copy(final.parent / "curve.json", target / "curve.json")
 
 
 def main() -> None:

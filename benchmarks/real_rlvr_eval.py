@@ -10,7 +10,8 @@ pair) and scores the last integer of each answer. Runs, each selectable with --r
 
 - `presets`: the base and the RL model alone;
 - `rl_T0.7`, `rl_T0.5`: the RL model at lower temperatures (is extrapolation more than sharpening?);
-- `paper`: the paper's rule (generator base, k 50, τ −0.3) at γ 0 (selective replace), 0.05, 0.1;
+- `paper`: the paper's rule (generator base, k 50, τ −0.3, γ 0.1); `paper_more`: the same at γ 0
+  (selective replace) and 0.05;
 - `grid`: a small τ × γ grid around it (τ −0.1 / −0.3 / −0.6, γ 0.25 / 0.5);
 - `delta`: the base model generating with extrapolation never taken (γ 0, τ −inf), so that the
   server's `rlvrx:delta_logp` histogram, read from /metrics before and after, is the distribution
@@ -38,7 +39,8 @@ RUNS = {  # name: (settings, temperature, top_p)
     "presets": (evaluation.grid([], [], "base", 50, ["base", "rl"]), 1.0, 0.7),
     "rl_T0.7": (evaluation.grid([], [], "base", 50, ["rl"]), 0.7, 0.7),
     "rl_T0.5": (evaluation.grid([], [], "base", 50, ["rl"]), 0.5, 0.7),
-    "paper": (evaluation.grid([0.0, 0.05, 0.1], [-0.3], "base", 50, []), 1.0, 0.7),
+    "paper": (evaluation.grid([0.1], [-0.3], "base", 50, []), 1.0, 0.7),
+    "paper_more": (evaluation.grid([0.0, 0.05], [-0.3], "base", 50, []), 1.0, 0.7),
     "grid": (evaluation.grid([0.25, 0.5], [-0.1, -0.3, -0.6], "base", 50, []), 1.0, 0.7),
     "delta": (evaluation.grid([0.0], [-math.inf], "base", 50, []), 1.0, 0.7),
 }
