@@ -13,7 +13,7 @@ pair) and scores the last integer of each answer. Runs, each selectable with --r
 - `paper`: the paper's rule (generator base, k 50, τ −0.3, γ 0.1); `paper_more`: the same at γ 0
   (selective replace) and 0.05;
 - `grid`: a small τ × γ grid around it (τ −0.1 / −0.3 / −0.6, γ 0.25 / 0.5);
-- `delta`: the base model generating with extrapolation never taken (γ 0, τ −inf), so that the
+- `delta`: the base model generating with extrapolation never taken (γ 0, τ −1000), so that the
   server's `rlvrx:delta_logp` histogram, read from /metrics before and after, is the distribution
   of Δlog p = log π_RL − log π_Base over the base's own tokens on real answers; its share at or
   below τ = −0.3 is the fraction the paper's rule flags. Written to <out>/delta_logp.json.
@@ -42,7 +42,9 @@ RUNS = {  # name: (settings, temperature, top_p)
     "paper": (evaluation.grid([0.1], [-0.3], "base", 50, []), 1.0, 0.7),
     "paper_more": (evaluation.grid([0.0, 0.05], [-0.3], "base", 50, []), 1.0, 0.7),
     "grid": (evaluation.grid([0.25, 0.5], [-0.1, -0.3, -0.6], "base", 50, []), 1.0, 0.7),
-    "delta": (evaluation.grid([0.0], [-math.inf], "base", 50, []), 1.0, 0.7),
+    # τ = −1000, not −inf: the server serves τ = −inf with the base generator as the base model alone,
+    # which records no Δlog p; no token's Δ is that low, so nothing is replaced either way.
+    "delta": (evaluation.grid([0.0], [-1000.0], "base", 50, []), 1.0, 0.7),
 }
 
 
