@@ -11,6 +11,7 @@ appended to a JSONL at once, so an interrupted run resumes where it stopped.
 import json
 import math
 import re
+import statistics
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -171,10 +172,9 @@ def summarize(results_path: Path, ks: list[int]) -> list[dict]:
     rows = []
     for key, records in by_setting.items():
         accuracies = [sum(r["correct"]) / len(r["correct"]) for r in records]
-        mean = sum(accuracies) / len(accuracies)
-        spread = sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1) if len(accuracies) > 1 else 0.0
-        row = {"setting": key, **records[0]["setting_fields"], "problems": len(records), "avg@n": mean,
-               "ci95": 1.96 * math.sqrt(spread / len(accuracies))}
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        row = {"setting": key, **records[0]["setting_fields"], "problems": len(records),
+               "avg@n": statistics.fmean(accuracies), "ci95": 1.96 * spread / math.sqrt(len(accuracies))}
         for k in ks:
             usable = [r for r in records if len(r["correct"]) >= k]
             row[f"pass@{k}"] = (sum(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in usable) / len(usable)
