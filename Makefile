@@ -55,7 +55,7 @@ serve-real: $(BENCH_STAMP)
 		--dtype float32 --host $(HOST) --port $(PORT)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) models
