@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rlvrx.kernels import RowSettings, combine  # noqa: E402
+from benchmarks.pair_sampling import answer_logits, sample  # noqa: E402
 from rlvrx.kernels.reference import Settings, two_stage_distribution  # noqa: E402
 from rlvrx.server.arith_pair import Task, test_problems  # noqa: E402
 from rlvrx.tools.lora_extract import extract, served_rl_model  # noqa: E402
@@ -94,55 +94,6 @@ def real_problems(rl_path: str, count: int) -> Problems:
 
 
 TASKS = {"demo": demo_problems, "real": real_problems}
-
-
-def left_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention mask, position ids) of id lists padded on the left."""
-    width = max(map(len, seqs))
-    ids = torch.tensor([[0] * (width - len(x)) + x for x in seqs])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def sample(rl, base, prompts: list[list[int]], s: Settings, eos: int, seed: int, max_new: int,
-           chunk: int = 128) -> list[list[int]]:
-    """Answers (up to and including eos, at most max_new tokens) sampled from q of (rl, base) under s,
-    as the server computes it (kernels.combine), each model with its KV cache."""
-    generator, answers = torch.Generator().manual_seed(seed), []
-    for first in range(0, len(prompts), chunk):
-        part = prompts[first : first + chunk]
-        settings = RowSettings.uniform(len(part), s.gamma, s.tau, s.generator, s.candidates, s.temperature, s.top_p)
-        ids, mask, positions = left_padded(part)
-        runs = [model(ids, attention_mask=mask, position_ids=positions, use_cache=True) for model in (rl, base)]
-        out, done = [[] for _ in part], torch.zeros(len(part), dtype=torch.bool)
-        for _ in range(max_new):
-            log_q = combine(runs[0].logits[:, -1].double(), runs[1].logits[:, -1].double(), settings).out
-            tokens = torch.multinomial(log_q.softmax(-1), 1, generator=generator)
-            for i in (~done).nonzero().flatten().tolist():
-                out[i].append(tokens[i, 0].item())
-            done |= tokens[:, 0] == eos
-            if done.all():
-                break
-            mask, positions = torch.cat([mask, torch.ones_like(tokens)], 1), positions[:, -1:] + 1
-            runs = [model(tokens, attention_mask=mask, position_ids=positions, past_key_values=run.past_key_values,
-                          use_cache=True) for model, run in zip((rl, base), runs)]
-        answers += out
-    return answers
-
-
-@torch.no_grad()
-def answer_logits(model, prompts: list[list[int]], answers: list[list[int]], chunk: int = 32) -> np.ndarray:
-    """[positions, V] float64 logits at each answer token's position (the prediction of answer[i] after
-    prompt + answer[:i]), answers in order: one teacher-forced pass per chunk."""
-    out = []
-    for first in range(0, len(prompts), chunk):
-        seqs = [p + a[:-1] for p, a in zip(prompts[first : first + chunk], answers[first : first + chunk])]
-        ids, mask, positions = left_padded(seqs)
-        logits = model(ids, attention_mask=mask, position_ids=positions).logits
-        for row, answer in enumerate(answers[first : first + chunk]):
-            out.append(logits[row, ids.shape[1] - len(answer) :].double().numpy())
-    return np.concatenate(out)
 
 
 def accuracy(problems: Problems, answers: list[list[int]]) -> float:
@@ -211,10 +162,10 @@ def main() -> None:
     prompts = problems.prompts * args.n
     # The positions where KL is measured: answers the exact pair samples at the paper setting.
     one = problems.prompts[: args.kl_problems]
-    answers = sample(exact, base, one, PAPER, problems.eos, seed=1, max_new=problems.max_new)
+    answers = sample(exact, base, one, PAPER, problems.eos, seed=1, max_new=problems.max_new).answers
     reference = Exact(answer_logits(exact, one, answers), answer_logits(base, one, answers), problems.second_kl)
     base_alone = replace(BASE_ALONE, top_p=problems.rl.top_p)
-    base_acc = accuracy(problems, sample(base, base, prompts, base_alone, problems.eos, 2, problems.max_new))
+    base_acc = accuracy(problems, sample(base, base, prompts, base_alone, problems.eos, 2, problems.max_new).answers)
     rows = []
     for rank in ["exact", *args.ranks.split(",")]:
         if rank == "exact":
@@ -223,9 +174,10 @@ def main() -> None:
             extract(args.base, args.rl, None if rank == "full" else int(rank), out / f"rank-{rank}")
             low = served_rl_model(args.base, out / f"rank-{rank}", dtype).eval()
             row = {"rank": rank, **fidelity(reference, answer_logits(low, one, answers))}
-        row["acc_rl"] = accuracy(problems, sample(low, base, prompts, problems.rl, problems.eos, 3, problems.max_new))
+        rl_alone = sample(low, low, prompts, problems.rl, problems.eos, 3, problems.max_new)  # one stream: τ = −∞
+        row["acc_rl"] = accuracy(problems, rl_alone.answers)
         row["acc_extrapolated"] = accuracy(problems, sample(low, base, prompts, problems.extrapolated, problems.eos, 4,
-                                                            problems.max_new))
+                                                            problems.max_new).answers)
         row["acc_base"] = base_acc
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

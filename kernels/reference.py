@@ -1,7 +1,8 @@
 """Float64 reference of the two-stage rule of ALGORITHM.md, one row at a time.
 
-Written straight from the page and deliberately naive (NumPy, O(V²) top-p): tests
-compare `kernels.combine` and the engine against it. Not used by the server.
+Written straight from the page in NumPy (a sort per row, O(V log V), so it also runs at real
+vocabularies such as SmolLM2's 49,152 tokens): tests compare `kernels.combine` and the engine
+against it. Not used by the server.
 """
 
 from dataclasses import dataclass
@@ -34,8 +35,12 @@ def top_p(p: np.ndarray, cutoff: float) -> np.ndarray:
     """Keep v when the mass of tokens strictly more probable than v is below cutoff."""
     if cutoff >= 1.0:
         return p / p.sum()
-    keep = np.array([p[p > pv].sum() < cutoff for pv in p])
-    kept = np.where(keep, p, 0.0)
+    ascending = np.sort(p)
+    # Tokens strictly more probable than v are the last (V − #{u : p(u) ≤ p(v)}) of `ascending`;
+    # their mass is a prefix sum of the descending order, so ties are never split.
+    strictly_more = len(p) - np.searchsorted(ascending, p, side="right")
+    mass_before = np.concatenate(([0.0], np.cumsum(ascending[::-1])))
+    kept = np.where(mass_before[strictly_more] < cutoff, p, 0.0)
     return kept / kept.sum()
 
 
@@ -56,38 +61,35 @@ def parts(rl_logits, base_logits, s: Settings):
     return delta, gen, e
 
 
-def flag_probability(delta: np.ndarray, gen: np.ndarray, y0: int, s: Settings) -> float:
-    """Probability that the position of proposal y0 is extrapolated, under s.selection."""
+def flag_probabilities(delta: np.ndarray, gen: np.ndarray, s: Settings) -> np.ndarray:
+    """Per proposal y0: the probability that its position is extrapolated, under s.selection."""
     if s.selection == "delta_logp":
-        return float(delta[y0] <= s.tau)
+        return (delta <= s.tau).astype(np.float64)
     if s.selection == "entropy":
         p = softmax(gen)
         entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
-        return float(entropy >= s.tau)
-    return min(max(s.tau, 0.0), 1.0)  # random: a coin of probability τ
+        return np.full(len(gen), float(entropy >= s.tau))
+    return np.full(len(gen), min(max(s.tau, 0.0), 1.0))  # random: a coin of probability τ
 
 
 def two_stage_distribution(rl_logits, base_logits, s: Settings) -> np.ndarray:
     """The distribution of the emitted token under the two-stage rule (sampled rows),
-    obtained by summing over the proposal y0 — not from the closed form."""
+    obtained by summing over the proposal y0 — not from the closed form: y0 is kept with
+    probability p_g(y0)·(1 − flag(y0)) and redrawn from p_x with p_g(y0)·flag(y0)."""
     delta, gen, e = parts(rl_logits, base_logits, s)
     p_g = top_p(softmax(gen / s.temperature), s.top_p)
     p_x = top_p(softmax(e / s.temperature), s.top_p)
-    out = np.zeros_like(p_g)
-    for y0 in np.nonzero(p_g)[0]:
-        flag = flag_probability(delta, gen, y0, s)
-        out[y0] += p_g[y0] * (1 - flag)  # keep y0
-        out += p_g[y0] * flag * p_x  # redraw from p_x
-    return out
+    flag = flag_probabilities(delta, gen, s)
+    return p_g * (1 - flag) + np.sum(p_g * flag) * p_x
 
 
 def extrapolation_probability(rl_logits, base_logits, s: Settings) -> float:
     """Probability that the proposal is rejected (the position is extrapolated)."""
     delta, gen, _ = parts(rl_logits, base_logits, s)
     if s.temperature == 0:
-        return flag_probability(delta, gen, int(np.argmax(gen)), s)
+        return flag_probabilities(delta, gen, s)[int(np.argmax(gen))]
     p_g = top_p(softmax(gen / s.temperature), s.top_p)
-    return float(sum(p_g[y0] * flag_probability(delta, gen, y0, s) for y0 in np.nonzero(p_g)[0]))
+    return float(np.sum(p_g * flag_probabilities(delta, gen, s)))
 
 
 def greedy_token(rl_logits, base_logits, s: Settings) -> int:
@@ -95,7 +97,7 @@ def greedy_token(rl_logits, base_logits, s: Settings) -> int:
     (Not for selection "random", whose flag is a coin.)"""
     delta, gen, e = parts(rl_logits, base_logits, s)
     y0 = int(np.argmax(gen))
-    return int(np.argmax(e)) if flag_probability(delta, gen, y0, s) == 1.0 else y0
+    return int(np.argmax(e)) if flag_probabilities(delta, gen, s)[y0] == 1.0 else y0
 
 
 def sample_two_stage(rl_logits, base_logits, s: Settings, rng: np.random.Generator):
@@ -103,7 +105,7 @@ def sample_two_stage(rl_logits, base_logits, s: Settings, rng: np.random.Generat
     delta, gen, e = parts(rl_logits, base_logits, s)
     p_g = top_p(softmax(gen / s.temperature), s.top_p)
     y0 = int(rng.choice(len(p_g), p=p_g))
-    if rng.random() >= flag_probability(delta, gen, y0, s):
+    if rng.random() >= flag_probabilities(delta, gen, s)[y0]:
         return y0, False
     p_x = top_p(softmax(e / s.temperature), s.top_p)
     return int(rng.choice(len(p_x), p=p_x)), True

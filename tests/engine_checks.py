@@ -234,7 +234,7 @@ def expected_row(a: np.ndarray, b: np.ndarray, preset: str, s: ref.Settings | No
         return ref.log_softmax(b)
     if s.temperature == 0:  # the greedy row: the generator's logits, or e on S where the proposal is flagged
         delta, gen, e = ref.parts(a, b, s)
-        return ref.log_softmax(e if ref.flag_probability(delta, gen, int(np.argmax(gen)), s) == 1.0 else gen)
+        return ref.log_softmax(e if ref.flag_probabilities(delta, gen, s)[int(np.argmax(gen))] == 1.0 else gen)
     with np.errstate(divide="ignore"):
         return np.log(ref.two_stage_distribution(a, b, s))
 

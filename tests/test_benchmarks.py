@@ -89,3 +89,60 @@ def test_spec_bytes_estimate(tmp_path):
     for batch in (1, 8, 32):
         assert abs(rows[("rlvrx, two backbones", batch, 2)]["ratio_to_one_model_no_spec"] - 1) < 1e-12
         assert rows[("rlvrx, stacked LoRA", batch, 1)]["ratio_to_one_model_no_spec"] > 0.5
+
+
+def test_pair_sampling_follows_the_rule_on_each_unpadded_prefix(hf_models):
+    """benchmarks/pair_sampling.py (the offline sampler of lowrank_fidelity and real_rlvr_accuracy):
+    in a left-padded batch with KV caches, every token drawn has mass under the float64 reference's q
+    on that row's own prefix, the reported extrapolated count is Σ of the reference's M along the
+    answer, and answer_logits are the logits of each prefix computed afresh."""
+    import math
+
+    import numpy as np
+
+    from benchmarks.pair_sampling import answer_logits, sample
+    from rlvrx.kernels import reference
+    from tests.conftest import next_logits, ref_settings
+
+    rl, base = hf_models["llama"]
+    prompts = [[5, 9], [3, 17, 4, 8, 2], [11, 6, 7]]
+    s = ref_settings(0.5, -0.05, "base", 20, temperature=1.0, top_p=0.9)
+    sampled = sample(rl, base, prompts, s, eos=-1, seed=3, max_new=6)
+    assert [len(a) for a in sampled.answers] == [6, 6, 6]
+    for prompt, answer, flagged in zip(prompts, sampled.answers, sampled.extrapolated):
+        expected = 0.0
+        for i, token in enumerate(answer):
+            a, b = next_logits((rl, base), prompt + answer[:i])
+            assert reference.two_stage_distribution(a, b, s)[token] > 0
+            expected += reference.extrapolation_probability(a, b, s)
+        assert math.isclose(flagged, expected, abs_tol=1e-5)
+    logits = answer_logits(rl, prompts, sampled.answers, chunk=2)
+    positions = [(p, a[:i]) for p, a in zip(prompts, sampled.answers) for i in range(len(a))]
+    assert logits.shape[0] == len(positions)
+    for row, (prompt, prefix) in zip(logits, positions):
+        np.testing.assert_allclose(row, next_logits((rl,), prompt + prefix)[0], atol=1e-9)
+    alone = sample(rl, rl, prompts, ref_settings(0.0, -math.inf, "rl", 0, temperature=1.0), eos=-1, seed=3, max_new=3)
+    assert alone.extrapolated == [0.0] * 3
+
+
+def test_real_rlvr_accuracy_records_one_line_per_problem(hf_models, tmp_path):
+    """real_rlvr_accuracy.run: answer r of the repeated prompt list belongs to problem r mod count,
+    and its records are what evaluation.summarize reads."""
+    import math
+
+    from benchmarks import real_rlvr_accuracy as acc
+    from benchmarks.lowrank_fidelity import Problems
+    from rlvrx.server import evaluation
+
+    rl, base = hf_models["llama"]
+    prompts = [[5, 9], [3, 17, 4]]
+    problems = Problems(prompts, lambda i, answer: i == 0, eos=-1, max_new=4, second_kl=None, second_kl_name="",
+                        rl=None, extrapolated=None)
+    results = tmp_path / "rl.jsonl"
+    acc.run("rl", acc.RUNS["rl"], (base, rl), problems, 3, results)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["problem_id"] for r in records] == [0, 1]
+    assert [r["correct"] for r in records] == [[True] * 3, [False] * 3]
+    assert [r["completion_tokens"] for r in records] == [12, 12] and all(r["extrapolated_tokens"] == 0 for r in records)
+    row = evaluation.summarize(results, [3])[0]
+    assert row["avg@n"] == 0.5 and row["pass@3"] == 0.5 and math.isclose(row["ci95"], 1.96 * math.sqrt(0.5) / math.sqrt(2))
