@@ -5,12 +5,12 @@ Shared by the benchmarks that need many answers of a pair without a server
 cache, float64 logits into `kernels.combine`, one multinomial draw per row from its log q.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from rlvrx.kernels import RowSettings, combine
+from rlvrx.kernels import SELECTION, RowSettings, combine
 from rlvrx.kernels.reference import Settings
 
 
@@ -31,13 +31,14 @@ def left_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torc
 @torch.no_grad()
 def sample(rl, base, prompts: list[list[int]], s: Settings, eos: int, seed: int, max_new: int,
            chunk: int = 128) -> Sampled:
-    """Answers (at most max_new tokens) sampled from q of (rl, base) under s. Pass the same model
-    twice for one model alone: it then runs once per step."""
+    """Answers (at most max_new tokens) sampled from q of (rl, base) under s (any selection criterion).
+    Pass the same model twice for one model alone: it then runs once per step."""
     models = (rl,) if rl is base else (rl, base)
     generator, answers, extrapolated = torch.Generator().manual_seed(seed), [], []
     for first in range(0, len(prompts), chunk):
         part = prompts[first : first + chunk]
-        settings = RowSettings.uniform(len(part), s.gamma, s.tau, s.generator, s.candidates, s.temperature, s.top_p)
+        settings = replace(RowSettings.uniform(len(part), s.gamma, s.tau, s.generator, s.candidates, s.temperature,
+                                               s.top_p), selection=torch.full((len(part),), SELECTION[s.selection]))
         ids, mask, positions = left_padded(part)
         runs = [model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
                 for model in models]

@@ -16,7 +16,9 @@ the first 125 are those of `real_rlvr_eval.py`), in the pair's chat template, T 
 unless the run says otherwise, at most 40 new tokens, scored by the last integer of the answer.
 Runs (each selectable with --runs): base and RL alone; RL at T 0.7 and 0.5 (is extrapolation more
 than sharpening?); selective replace (γ 0) and the paper's rule (γ 0.05, 0.1) at generator base,
-k 50, τ −0.3; a τ × γ grid (τ −0.3 / −0.6, γ 0.25 / 0.5). Prints avg@n ± the 95% CI over problems,
+k 50, τ −0.3; a τ × γ grid (τ −0.3 / −0.6, γ 0.25 / 0.5); and, with `--runs curve`, the paper's
+replacement curve (the base generating, the tokens each criterion of benchmarks/replacement_curve.py
+flags redrawn from RL; its finite thresholds, the ends being base and RL alone). Prints avg@n ± the 95% CI over problems,
 pass@n, the expected extrapolated fraction of tokens (Σ of the rule's M over positions), and each
 setting's paired difference to RL alone; writes the records (`evaluation.summarize`'s format) and
 summary.json under --out. A run whose records are complete is not sampled again.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.lowrank_fidelity import PAPER, real_problems  # noqa: E402
 from benchmarks.pair_sampling import sample  # noqa: E402
+from benchmarks.replacement_curve import THRESHOLDS  # noqa: E402
 from rlvrx.kernels.reference import Settings  # noqa: E402
 from rlvrx.server import evaluation  # noqa: E402
 
@@ -50,6 +53,12 @@ RUNS = {  # name: settings; "base" and the rl_* runs sample one model alone
     "paper_g0.1": replace(PAPER, gamma=0.1),
     **{f"grid_t{tau}_g{gamma}": replace(PAPER, tau=tau, gamma=gamma) for tau in (-0.3, -0.6) for gamma in (0.25, 0.5)},
 }
+# The paper's replacement curve (benchmarks/replacement_curve.py's thresholds): the base generates
+# over the whole vocabulary, and the positions each criterion flags are redrawn from RL (γ 0).
+CURVE = {f"curve_{selection}_{tau}": replace(ALONE, generator="base", gamma=0.0, tau=tau, selection=selection)
+         for selection, taus in THRESHOLDS.items() for tau in taus[1:-1]}  # the ends are base and RL alone
+GROUPS = {"default": list(RUNS), "curve": list(CURVE)}
+RUNS |= CURVE
 
 
 def load_models(base_path: str, rl_path: str):
@@ -91,7 +100,8 @@ def main() -> None:
     parser.add_argument("--rl", default="demo/real-lora", help="the full child's checkpoint or a LoRA adapter")
     parser.add_argument("--problems", type=int, default=500)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=[*RUNS, *GROUPS], default=["default"],
+                        help="runs or groups of runs: default (all but the curve), curve")
     parser.add_argument("--out", default="benchmarks/out/real-lora-500")
     args = parser.parse_args()
     out = Path(args.out)
@@ -100,14 +110,15 @@ def main() -> None:
     models = load_models(args.base, args.rl)
     problems = real_problems(args.base, args.problems)
     table = []
-    for name in args.runs:
+    for name in [run for name in args.runs for run in GROUPS.get(name, [name])]:
         results = out / f"{name}.jsonl"
         if not results.exists() or len(results.read_text().splitlines()) != args.problems:
             run(name, RUNS[name], models, problems, args.n, results)
         row = evaluation.summarize(results, [args.n])[0]
-        if "rl" in args.runs and name != "rl" and (out / "rl.jsonl").exists():
+        if name != "rl" and (out / "rl.jsonl").exists():
             diffs = [a - b for a, b in zip(per_problem(results), per_problem(out / "rl.jsonl"))]
-            row["minus_rl"], row["minus_rl_ci95"] = statistics.fmean(diffs), 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            row["minus_rl"] = statistics.fmean(diffs)
+            row["minus_rl_ci95"] = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
         table.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"| run | avg@{args.n} ± 95% CI | pass@{args.n} | extrapolated | − RL (paired) |")

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -91,7 +93,8 @@ def test_spec_bytes_estimate(tmp_path):
         assert rows[("rlvrx, stacked LoRA", batch, 1)]["ratio_to_one_model_no_spec"] > 0.5
 
 
-def test_pair_sampling_follows_the_rule_on_each_unpadded_prefix(hf_models):
+@pytest.mark.parametrize("selection,tau", [("delta_logp", -0.05), ("entropy", 1.0), ("random", 0.3)])
+def test_pair_sampling_follows_the_rule_on_each_unpadded_prefix(hf_models, selection, tau):
     """benchmarks/pair_sampling.py (the offline sampler of lowrank_fidelity and real_rlvr_accuracy):
     in a left-padded batch with KV caches, every token drawn has mass under the float64 reference's q
     on that row's own prefix, the reported extrapolated count is Σ of the reference's M along the
@@ -106,7 +109,7 @@ def test_pair_sampling_follows_the_rule_on_each_unpadded_prefix(hf_models):
 
     rl, base = hf_models["llama"]
     prompts = [[5, 9], [3, 17, 4, 8, 2], [11, 6, 7]]
-    s = ref_settings(0.5, -0.05, "base", 20, temperature=1.0, top_p=0.9)
+    s = ref_settings(0.5, tau, "base", 20, temperature=1.0, top_p=0.9, selection=selection)
     sampled = sample(rl, base, prompts, s, eos=-1, seed=3, max_new=6)
     assert [len(a) for a in sampled.answers] == [6, 6, 6]
     for prompt, answer, flagged in zip(prompts, sampled.answers, sampled.extrapolated):
