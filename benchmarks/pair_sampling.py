@@ -30,11 +30,15 @@ def left_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @torch.no_grad()
 def sample(rl, base, prompts: list[list[int]], s: Settings, eos: int, seed: int, max_new: int,
-           chunk: int = 128) -> Sampled:
+           chunk: int = 128, progress: str | None = None) -> Sampled:
     """Answers (at most max_new tokens) sampled from q of (rl, base) under s (any selection criterion).
-    Pass the same model twice for one model alone: it then runs once per step."""
+    Pass the same model twice for one model alone: it then runs once per step. `progress`: the label
+    of a progress bar over the prompts (none by default)."""
+    from tqdm import tqdm
+
     models = (rl,) if rl is base else (rl, base)
     generator, answers, extrapolated = torch.Generator().manual_seed(seed), [], []
+    bar = tqdm(total=len(prompts), desc=progress, disable=progress is None)
     for first in range(0, len(prompts), chunk):
         part = prompts[first : first + chunk]
         settings = replace(RowSettings.uniform(len(part), s.gamma, s.tau, s.generator, s.candidates, s.temperature,
@@ -58,6 +62,8 @@ def sample(rl, base, prompts: list[list[int]], s: Settings, eos: int, seed: int,
                           use_cache=True) for model, run in zip(models, runs)]
         answers += out
         extrapolated += flagged
+        bar.update(len(part))
+    bar.close()
     return Sampled(answers, extrapolated)
 
 

@@ -78,7 +78,7 @@ def run(name: str, s: Settings, models, problems, n: int, results: Path) -> None
     pair = (base, base) if s.generator == "base" and s.tau == -math.inf else \
         (rl, rl) if s.tau == -math.inf else (rl, base)
     count = len(problems.prompts)
-    sampled = sample(*pair, problems.prompts * n, s, problems.eos, seed=11, max_new=problems.max_new)
+    sampled = sample(*pair, problems.prompts * n, s, problems.eos, seed=11, max_new=problems.max_new, progress=name)
     with results.open("w") as out:
         for i in range(count):
             rows = range(i, count * n, count)
@@ -109,18 +109,21 @@ def main() -> None:
     torch.set_grad_enabled(False)
     models = load_models(args.base, args.rl)
     problems = real_problems(args.base, args.problems)
-    table = []
-    for name in [run for name in args.runs for run in GROUPS.get(name, [name])]:
+    names = [run for name in args.runs for run in GROUPS.get(name, [name])]
+    for name in names:
         results = out / f"{name}.jsonl"
         if not results.exists() or len(results.read_text().splitlines()) != args.problems:
             run(name, RUNS[name], models, problems, args.n, results)
+            print(json.dumps(evaluation.summarize(results, [args.n])[0]), file=sys.stderr, flush=True)
+    table = []
+    for name in names:
+        results = out / f"{name}.jsonl"
         row = evaluation.summarize(results, [args.n])[0]
         if name != "rl" and (out / "rl.jsonl").exists():
             diffs = [a - b for a, b in zip(per_problem(results), per_problem(out / "rl.jsonl"))]
             row["minus_rl"] = statistics.fmean(diffs)
             row["minus_rl_ci95"] = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
         table.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"| run | avg@{args.n} ± 95% CI | pass@{args.n} | extrapolated | − RL (paired) |")
     print("|---|---:|---:|---:|---:|")
     for row in table:
