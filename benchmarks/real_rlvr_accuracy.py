@@ -19,10 +19,9 @@ than sharpening?); selective replace (γ 0) and the paper's rule (γ 0.05, 0.1) 
 k 50, τ −0.3; a τ × γ grid (τ −0.3 / −0.6, γ 0.25 / 0.5); and, with `--runs curve`, the paper's
 replacement curve (the base generating, the tokens each criterion of benchmarks/replacement_curve.py
 flags redrawn from RL; its thresholds but the ends, which are base and RL alone). Prints avg@n ± the
-95% CI over problems,
-pass@n, the expected extrapolated fraction of tokens (Σ of the rule's M over positions), and each
-setting's paired difference to RL alone; writes the records (`evaluation.summarize`'s format) and
-summary.json under --out. A run whose records are complete is not sampled again.
+95% CI over problems, pass@n, the expected extrapolated fraction of tokens (Σ of the rule's M over
+positions), and each setting's paired difference to RL alone; writes the records
+(`evaluation.summarize`'s format) and summary.json under --out. A run whose records are complete is not sampled again.
 """
 
 import argparse
