@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/lowrank_fidelity.py --out benchmarks/out/lowrank   # the demo pair
     .venv/bin/python benchmarks/lowrank_fidelity.py --task real --base models/smollm2/base \
-        --rl models/real-rlvr/full/final --problems 125 --out benchmarks/out/lowrank-real   # the real pair
+        --rl models/real-rlvr/full/final --ranks 1,4,16,64 --problems 60 --n 2 --kl-problems 30 \
+        --out benchmarks/out/lowrank-real   # the real pair (--no-accuracy: the KL columns only)
 
 For each rank (default 1, 4, 16, 64, full) the pair the stacked engine serves for the extracted
 adapter (base + truncated projection deltas, the RL model's own embeddings, norms and biases) is
@@ -14,9 +15,11 @@ pair's chat template, the GRPO pair of benchmarks/real_rlvr.py):
 - per-token KL(q_exact ‖ q_lowrank) at the paper setting (γ 0.05, τ −0.3, generator base, k 50,
   T 1, top-p 0.7), mean and p99, along answers sampled from the exact pair's q; a position where
   the low-rank q gives zero mass to a token the exact q can emit (top-p cuts elsewhere) has
-  KL = ∞ and is counted apart; and the mean KL at a second setting without top-p (demo: its best
-  setting below, as the paper's top-p 0.7 leaves one token at most positions of that
-  near-deterministic task; real: the paper setting at top-p 1);
+  KL = ∞ and is counted apart; and the mean KL at a second setting without top-p or a candidate
+  limit, where q never gives a token zero mass (demo: its best setting below, as the paper's top-p
+  0.7 leaves one token at most positions of that near-deterministic task; real: the paper setting at
+  top-p 1 and k 0 — with k 50, a token outside the top 50 that only one of the two pairs flags has
+  mass in one q and none in the other);
 - agreement of the flagged set {v in the generator's top 50 : Δ(v) ≤ τ} (mean Jaccard index);
 - Pearson correlation of Δlog p over the generator's top-50 tokens at those positions;
 - accuracy (avg@n) of RL alone and of extrapolation (demo: T = 1, and its best setting in
@@ -89,7 +92,8 @@ def real_problems(rl_path: str, count: int) -> Problems:
     def correct(i: int, answer: list[int]) -> bool:
         return real_rlvr_task.reward(tokenizer.decode(answer, skip_special_tokens=True), problems[i]["answer"]) == 1
 
-    return Problems(prompts, correct, tokenizer.eos_token_id, 40, replace(PAPER, top_p=1.0), "paper, top-p 1",
+    return Problems(prompts, correct, tokenizer.eos_token_id, 40, replace(PAPER, top_p=1.0, candidates=0),
+                    "paper, top-p 1, k 0",
                     replace(RL_ALONE, top_p=0.7), PAPER)
 
 
@@ -131,10 +135,12 @@ def fidelity(exact: Exact, a_low: np.ndarray) -> dict:
         jaccards.append(len(fe & fl) / len(fe | fl) if fe | fl else 1.0)
         deltas.append((de, dl))
     finite = np.array([k for k in kls if math.isfinite(k)])
+    finite_second = [k for k in second_kls if math.isfinite(k)]
     de, dl = (np.concatenate(d) for d in zip(*deltas))
     return {"positions": len(kls), "kl_mean": float(finite.mean()), "kl_p99": float(np.quantile(finite, 0.99)),
             "kl_infinite": sum(not math.isfinite(k) for k in kls) / len(kls),
-            "kl_mean_second": float(np.mean(second_kls)), "flag_jaccard": float(np.mean(jaccards)),
+            "kl_mean_second": float(np.mean(finite_second)),
+            "kl_infinite_second": 1 - len(finite_second) / len(second_kls), "flag_jaccard": float(np.mean(jaccards)),
             "delta_corr": float(np.corrcoef(de, dl)[0, 1])}
 
 
@@ -148,6 +154,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per problem for the accuracies")
     parser.add_argument("--kl-problems", type=int, default=None,
                         help="problems whose sampled answers give the KL positions (default: all)")
+    parser.add_argument("--no-accuracy", action="store_true", help="KL, flagged sets and Δ correlation only")
     parser.add_argument("--out", default="benchmarks/out/lowrank")
     args = parser.parse_args()
     out = Path(args.out)
@@ -165,7 +172,8 @@ def main() -> None:
     answers = sample(exact, base, one, PAPER, problems.eos, seed=1, max_new=problems.max_new).answers
     reference = Exact(answer_logits(exact, one, answers), answer_logits(base, one, answers), problems.second_kl)
     base_alone = replace(BASE_ALONE, top_p=problems.rl.top_p)
-    base_acc = accuracy(problems, sample(base, base, prompts, base_alone, problems.eos, 2, problems.max_new).answers)
+    base_acc = None if args.no_accuracy else \
+        accuracy(problems, sample(base, base, prompts, base_alone, problems.eos, 2, problems.max_new).answers)
     rows = []
     for rank in ["exact", *args.ranks.split(",")]:
         if rank == "exact":
@@ -174,20 +182,25 @@ def main() -> None:
             extract(args.base, args.rl, None if rank == "full" else int(rank), out / f"rank-{rank}")
             low = served_rl_model(args.base, out / f"rank-{rank}", dtype).eval()
             row = {"rank": rank, **fidelity(reference, answer_logits(low, one, answers))}
-        rl_alone = sample(low, low, prompts, problems.rl, problems.eos, 3, problems.max_new)  # one stream: τ = −∞
-        row["acc_rl"] = accuracy(problems, rl_alone.answers)
-        row["acc_extrapolated"] = accuracy(problems, sample(low, base, prompts, problems.extrapolated, problems.eos, 4,
-                                                            problems.max_new).answers)
-        row["acc_base"] = base_acc
+        if not args.no_accuracy:
+            rl_alone = sample(low, low, prompts, problems.rl, problems.eos, 3, problems.max_new)  # one stream: τ = −∞
+            row["acc_rl"] = accuracy(problems, rl_alone.answers)
+            row["acc_extrapolated"] = accuracy(problems, sample(low, base, prompts, problems.extrapolated, problems.eos,
+                                                                4, problems.max_new).answers)
+            row["acc_base"] = base_acc
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"| rank | mean KL | p99 KL | KL = ∞ | mean KL, {problems.second_kl_name} | flagged-set Jaccard "
           "| corr Δlog p | RL alone | extrapolated | base alone |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        fid = (f"{r['kl_mean']:.2e} | {r['kl_p99']:.2e} | {r['kl_infinite']:.1%} | {r['kl_mean_second']:.2e} | "
-               f"{r['flag_jaccard']:.3f} | {r['delta_corr']:.3f}") if "kl_mean" in r else "— | — | — | — | — | —"
-        print(f"| {r['rank']} | {fid} | {r['acc_rl']:.3f} | {r['acc_extrapolated']:.3f} | {r['acc_base']:.3f} |")
+        fid = "— | — | — | — | — | —"
+        if "kl_mean" in r:
+            infinite = f" (∞ at {r['kl_infinite_second']:.1%})" if r["kl_infinite_second"] else ""
+            fid = (f"{r['kl_mean']:.2e} | {r['kl_p99']:.2e} | {r['kl_infinite']:.1%} | {r['kl_mean_second']:.2e}{infinite} | "
+                   f"{r['flag_jaccard']:.3f} | {r['delta_corr']:.3f}")
+        accuracies = " | ".join(f"{r[k]:.3f}" if k in r else "—" for k in ("acc_rl", "acc_extrapolated", "acc_base"))
+        print(f"| {r['rank']} | {fid} | {accuracies} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
 
