@@ -25,7 +25,9 @@ merged model as a full child (the two-backbone path on the same pair).
 With `--speculative-config JSON` (vLLM's, e.g. `{"method": "ngram", "num_speculative_tokens": 3,
 "prompt_lookup_max": 3}`), three more systems run with that speculation: `rlvrx+spec` and
 `rlvrx:rl+spec` (the same presets of `rlvrx serve --speculative-config ...`) and `vllm-rl+spec` (vLLM
-alone with the same speculation); their rows add the acceptance rate (accepted / drafted tokens, from
+alone with the same speculation), and with `--disable-by-batch-size N` `rlvrx+spec-gated` (the extrapolated
+preset of a server whose config adds `"disable_by_batch_size": N`: no drafts in steps of N requests or
+more, server/engine/draft_gate.py); their rows add the acceptance rate (accepted / drafted tokens, from
 vLLM's counters on /metrics) and the mean accepted length (tokens per verification step: 1 + accepted /
 drafts), and their ratio is also taken to `vllm-rl+spec`. `--prompt-style quote` sends rewriting and
 editing requests that quote their input (fix this function, reformat this JSON), in the RL model's
@@ -64,8 +66,8 @@ from rlvrx.server.engine.adapter import is_adapter_dir  # noqa: E402
 PAPER = {"gamma": 0.05, "tau": -0.3, "generator": "base", "candidates": 50}
 SAMPLING = {"temperature": 1.0, "top_p": 0.7}  # every system, every request
 SYSTEMS = ("rlvrx", "rlvrx:rl", "rlvrx-2b", "vllm-rl", "vllm-lora", "paper-2engines", "hf-generate",
-           "rlvrx+spec", "rlvrx:rl+spec", "vllm-rl+spec")
-SPEC_SYSTEMS = ("rlvrx+spec", "rlvrx:rl+spec", "vllm-rl+spec")
+           "rlvrx+spec", "rlvrx+spec-gated", "rlvrx:rl+spec", "vllm-rl+spec")
+SPEC_SYSTEMS = ("rlvrx+spec", "rlvrx+spec-gated", "rlvrx:rl+spec", "vllm-rl+spec")
 TEXT_PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain why the sky is blue to a ten-year-old.",
@@ -251,6 +253,10 @@ def run_servers(args, systems: list[str], levels: list[int], texts: list[str]) -
             ([*servers[0][0], *spec], "rlvrx-spec.log", [("rlvrx+spec", "m", PAPER), ("rlvrx:rl+spec", "m:rl", {})]),
             ([*servers[1][0], *spec], "vllm-spec.log", [("vllm-rl+spec", "m", {})]),
         ]
+        if args.disable_by_batch_size:
+            gated = json.dumps({**json.loads(args.speculative_config), "disable_by_batch_size": args.disable_by_batch_size})
+            servers.append(([*servers[0][0], "--speculative-config", gated], "rlvrx-spec-gated.log",
+                            [("rlvrx+spec-gated", "m", PAPER)]))
     if is_adapter_dir(args.rl):
         config = json.loads((Path(args.rl) / "adapter_config.json").read_text())
         rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
@@ -321,7 +327,7 @@ def report(rows: list[dict]) -> None:
         r["ratio_to_vllm_rl"] = ratio(r, "vllm-rl")
         if r["system"] in SPEC_SYSTEMS:
             r["ratio_to_vllm_rl_spec"] = ratio(r, "vllm-rl+spec")
-            r["ratio_to_no_spec"] = ratio(r, r["system"].removesuffix("+spec"))
+            r["ratio_to_no_spec"] = ratio(r, r["system"].split("+")[0])
         print(f"{r['system']:<15} {r['concurrency']:>4} {r['ttft_p50_ms']:>8.1f}/{r['ttft_p99_ms']:<8.1f} "
               f"{r['itl_p50_ms']:>7.1f}/{r['itl_p99_ms']:<7.1f} {r['e2e_p50_ms']:>8.1f}/{r['e2e_p99_ms']:<8.1f} "
               f"{r['output_tok_s']:>8.1f} {show(r['ratio_to_vllm_rl'], '.3f'):>10} "
@@ -342,6 +348,9 @@ def main() -> None:
     parser.add_argument("--prompt-style", choices=("auto", "arith", "text", "quote"), default="auto")
     parser.add_argument("--speculative-config", default=None,
                         help="vLLM's speculative config (JSON): adds the +spec systems")
+    parser.add_argument("--disable-by-batch-size", type=int, default=None,
+                        help="with --speculative-config: adds rlvrx+spec-gated, the extrapolated preset of a server "
+                             "whose config also has this disable_by_batch_size")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/out/serving.json")

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from rlvrx.server.engine import draft_gate
 from rlvrx.server.engine import settings as settings_mod
 from rlvrx.server.engine import startup_error
 from rlvrx.server.engine.pair import PairError, check_serving_flags, engine_kwargs
@@ -243,6 +244,10 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     check_listen_address(args)
     for key, value in pair.items():
         setattr(args, key, value)
+    try:
+        args.speculative_config = draft_gate.apply(args.speculative_config, args.hf_overrides)
+    except draft_gate.DraftGateError as exc:
+        fail(f"--speculative-config: {exc}")
     names = list(adapters) if adapters else [(args.served_model_name or [Path(ours.rl).resolve().name])[0]]
     name = names[0]
     args.served_model_name = [served for n in names for served in (n, f"{n}:rl", f"{n}:base")]

@@ -10,8 +10,8 @@ submitted in one `generate` call; a request with "prompt_embeds_file" (a torch.s
 [n, hidden] tensor) in place of "prompt_ids" gives its prompt as embeddings. Optional: "eager"
 (default true; false compiles the model), "tensor_parallel_size" (default 1),
 "max_num_batched_tokens" (a prompt longer than it is prefilled in chunks), "prompt_embeds"
-(default false: vLLM's enable_prompt_embeds), "speculative_config" (vLLM's, e.g. ngram), "env"
-(variables set before vLLM is imported).
+(default false: vLLM's enable_prompt_embeds), "speculative_config" (vLLM's, e.g. ngram, plus the server's
+"disable_by_batch_size", server.engine.draft_gate), "env" (variables set before vLLM is imported).
 A request with `prompt_logprobs` gets them in its result, position 0 (which has none) left out.
 With a speculative config the last line is {"results": ..., "spec": {draft and accepted token counts}}; with
 "prefix_caching" (default false) {"results": ..., "prefix_cache_hits": tokens found in the cache}.
@@ -50,6 +50,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import EmbedsPrompt, TokensPrompt
 
+    from rlvrx.server.engine import draft_gate
     from rlvrx.server.engine.pair import engine_kwargs
 
     if "pair" in spec:
@@ -58,12 +59,13 @@ def main() -> None:
         kwargs = engine_kwargs(None, spec["base"], spec["adapters"])
     else:
         kwargs = {"model": spec["model"], "logprobs_mode": "processed_logprobs"}
+    speculative_config = draft_gate.apply(spec.get("speculative_config"), kwargs.setdefault("hf_overrides", {}))
     llm = LLM(**kwargs, dtype="float32", enforce_eager=spec.get("eager", True), max_model_len=512, seed=0,
               enable_prefix_caching=spec.get("prefix_caching", False),
               tensor_parallel_size=spec.get("tensor_parallel_size", 1),
               max_num_batched_tokens=spec.get("max_num_batched_tokens"),
               enable_prompt_embeds=spec.get("prompt_embeds", False),
-              speculative_config=spec.get("speculative_config"),
+              speculative_config=speculative_config,
               disable_log_stats=not (spec.get("speculative_config") or spec.get("prefix_caching")))
     results = []
     for batch in spec["batches"]:

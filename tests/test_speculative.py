@@ -14,7 +14,9 @@ rejected in every run (vLLM's counters). Tensor parallelism (TP 2) serves the ru
 reference with usage counting the extrapolated positions of kept tokens only, streamed or not, and a
 sampled one reports log q and the sum of M over its kept positions; chat
 works; /metrics counts draft and accepted tokens per preset, by exactly what the engine kept; vLLM's
-refusal of logit_bias under speculation is a 400 naming it.
+refusal of logit_bias under speculation is a 400 naming it. `disable_by_batch_size` (vLLM V0's key)
+leaves batches of that many requests without drafts and the others drafting, and is refused with any
+method but ngram.
 """
 
 import json
@@ -143,6 +145,39 @@ def test_tensor_parallel(references, tmp_path):
     checks.check_sampled(run["results"], models)
 
 
+def test_disable_by_batch_size_leaves_full_batches_without_drafts(runs, references, tmp_path):
+    """disable_by_batch_size 2 (server.engine.draft_gate): four requests in one batch run without a single
+    draft, one request alone drafts as usual; every one emits the rule's greedy tokens."""
+    models, pair = references["two-backbone"]
+    prompt = runs["two-backbone"]["prompt"]
+    request = {"prompt_ids": prompt, "params": checks.greedy(checks.xargs(*JOINT[:4]))}
+    gated = {**NGRAM, "disable_by_batch_size": 2}
+    full = run_engine({"pair": pair, "batches": [[request] * 4], "speculative_config": gated}, tmp_path)
+    alone = run_engine({"pair": pair, "batches": [[request]], "speculative_config": gated}, tmp_path)
+    assert not full["spec"]["vllm:spec_decode_num_draft_tokens"]
+    assert alone["spec"]["vllm:spec_decode_num_draft_tokens"] > 0
+    expected = checks.reference_greedy(models, prompt, settings(*JOINT[:4]))
+    assert [r[0]["token_ids"] for r in full["results"][0] + alone["results"][0]] == [expected] * 5
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"method": "draft_model", "model": "m", "num_speculative_tokens": 3, "disable_by_batch_size": 4}, "ngram method"),
+    ({**NGRAM, "disable_by_batch_size": 0}, "whole number"),
+    ({**NGRAM, "disable_by_batch_size": "4"}, "whole number"),
+    ({**NGRAM, "disable_by_batch_size": True}, "whole number"),
+])
+def test_disable_by_batch_size_is_refused_where_it_cannot_apply(config, message):
+    from rlvrx.server.engine import draft_gate
+
+    overrides = {}
+    with pytest.raises(draft_gate.DraftGateError, match=message):
+        draft_gate.apply(config, overrides)
+    assert overrides == {}
+    assert draft_gate.apply(NGRAM, overrides) is NGRAM and draft_gate.apply(None, overrides) is None
+    assert draft_gate.apply({**NGRAM, "disable_by_batch_size": 4}, overrides) == NGRAM and overrides == {
+        draft_gate.OVERRIDE: 4}
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_prompt_scoring_per_name(runs, references, path):
     checks.check_scoring(runs[path]["results"][4], references[path][0])
@@ -193,8 +228,10 @@ def test_joint_distribution_of_the_first_tokens_is_the_rule(runs, references, pa
 
 @pytest.fixture(scope="module")
 def spec_server(toy_pairs, tmp_path_factory):
+    # disable_by_batch_size (server.engine.draft_gate), which vLLM itself would refuse, at a batch the
+    # tests below never reach: the server takes it, and one request at a time still drafts.
     proc, url = start_server(toy_pairs["qwen2"], tmp_path_factory.mktemp("spec-server") / "server.log",
-                             extra_args=("--speculative-config", json.dumps(NGRAM)))
+                             extra_args=("--speculative-config", json.dumps({**NGRAM, "disable_by_batch_size": 8})))
     yield url
     stop_server(proc)
 

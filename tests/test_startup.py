@@ -104,6 +104,17 @@ def test_refuses_pipeline_parallelism(toy_pairs):
         assert "--pipeline-parallel-size must be 1" in serve_fails(rl, base, *flags, only_line=False)
 
 
+def test_refuses_disable_by_batch_size_where_it_cannot_apply(toy_pairs):
+    """The server's own speculative key (server.engine.draft_gate): ngram only, a whole number ≥ 1."""
+    base, rl = toy_pairs["qwen2"]
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    for config, message in (({**ngram, "method": "draft_model", "model": str(rl), "disable_by_batch_size": 4},
+                             "ngram method only"),
+                            ({**ngram, "disable_by_batch_size": 0}, "whole number")):
+        line = serve_fails(rl, base, "--speculative-config", json.dumps(config), only_line=False)
+        assert line.startswith("rlvrx: error: --speculative-config: disable_by_batch_size") and message in line
+
+
 # `rlvrx serve` with its check of the port skipped: the port is taken after the check, before vLLM binds.
 SKIP_PORT_CHECK = "import sys, rlvrx.server.cli as cli; cli.check_listen_address = lambda args: None; cli.main(sys.argv[1:])"
 
