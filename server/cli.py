@@ -183,6 +183,28 @@ def check_listen_address(args: argparse.Namespace) -> None:
              else f"cannot listen on {args.host or '0.0.0.0'} port {args.port}: {exc.strerror or exc}")
 
 
+def apply_pair(args: argparse.Namespace, pair: dict, vllm_argv: list[str]) -> None:
+    """Set the pair's engine arguments on vLLM's parsed `args`. The user's --tokenizer is kept and
+    their --hf-overrides are merged under the pair's own keys (they reach both streams: the streams
+    share one config); flags that would replace the pair's own are refused, never silently dropped."""
+    given = {arg.split("=", 1)[0].replace("_", "-") for arg in vllm_argv if arg.startswith("--")}
+    if "--model" in given:
+        fail("--model: the served pair is given with --rl and --base")
+    if "--logits-processors" in given:
+        fail("--logits-processors: the pair's combine is the engine's logits processor; others are not supported")
+    if "--logprobs-mode" in given and args.logprobs_mode != pair["logprobs_mode"]:
+        fail(f"--logprobs-mode: the pair reports {pair['logprobs_mode']} (log q of the served rule), "
+             f"not {args.logprobs_mode}")
+    overrides = dict(args.hf_overrides or {})
+    owned = [key for key in overrides if key == "architectures" or key.startswith("rlvrx_")]
+    if owned:
+        fail(f"--hf-overrides: {owned[0]!r} is set by rlvrx serve for the pair")
+    for key, value in pair.items():
+        if not (key == "tokenizer" and "--tokenizer" in given):
+            setattr(args, key, value)
+    args.hf_overrides = {**overrides, **pair["hf_overrides"]}
+
+
 def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     # This run's files, removed at exit: prometheus-client's multiprocess folder (set before
     # anything imports prometheus-client: the engine's metrics, server.engine.metrics, reach
@@ -242,8 +264,7 @@ def serve(ours: argparse.Namespace, vllm_argv: list[str]) -> None:
     except PairError as exc:
         fail(str(exc))
     check_listen_address(args)
-    for key, value in pair.items():
-        setattr(args, key, value)
+    apply_pair(args, pair, vllm_argv)
     try:
         args.speculative_config = draft_gate.apply(args.speculative_config, args.hf_overrides)
     except draft_gate.DraftGateError as exc:

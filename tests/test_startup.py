@@ -134,3 +134,32 @@ def test_a_port_in_use_ends_in_one_line_before_the_engine_starts(toy_pairs, comm
     assert proc.stderr.strip().splitlines()[-1] == (
         f"rlvrx: error: 127.0.0.1 port {port} is already in use (another server? choose one with --port)")
     assert "EngineCore" not in proc.stdout + proc.stderr  # refused before vLLM started its engine (which logs so)
+
+
+@pytest.fixture(scope="module")
+def lora_child(toy_pairs, tmp_path_factory):
+    from rlvrx.server.toy_pair import build_lora_child
+
+    return build_lora_child(toy_pairs["qwen2"][0], tmp_path_factory.mktemp("lora"))[0]
+
+
+@pytest.mark.parametrize("path", ["two_backbones", "stacked"])
+def test_the_users_hf_overrides_reach_the_engine(toy_pairs, lora_child, path):
+    """--hf-overrides used to be replaced by the pair's own: a user's max_position_embeddings of 64
+    now makes vLLM refuse a max_model_len of 128 (the toy models have 512)."""
+    base, rl = toy_pairs["qwen2"]
+    line = serve_fails(rl if path == "two_backbones" else lora_child, base, "--max-model-len", "128",
+                       "--hf-overrides", json.dumps({"max_position_embeddings": 64}), only_line=False)
+    assert "vLLM refused to start" in line and "max_model_len" in line and "64" in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--hf-overrides", '{"architectures": ["Qwen2ForCausalLM"]}'), "--hf-overrides: 'architectures' is set by"),
+    (("--hf-overrides", '{"rlvrx_base_path": "/x"}'), "--hf-overrides: 'rlvrx_base_path' is set by"),
+    (("--logits-processors", "a.b:C"), "--logits-processors: the pair's combine"),
+    (("--logprobs_mode", "raw_logprobs"), "--logprobs-mode: the pair reports processed_logprobs"),
+    (("--model", "/somewhere"), "--model: the served pair is given with --rl and --base"),
+])
+def test_refuses_flags_that_would_replace_the_pairs_own(toy_pairs, flags, message):
+    base, rl = toy_pairs["qwen2"]
+    assert serve_fails(rl, base, *flags, only_line=False).startswith(f"rlvrx: error: {message}")
