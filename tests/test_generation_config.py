@@ -193,3 +193,38 @@ def test_base_defaults_fill_only_what_a_request_leaves_to_the_model():
     assert body == {"max_tokens": 4, "temperature": 1.0, "top_k": 0}
     with pytest.raises(SettingsError, match="no field for the base model's default repetition_penalty=1.1"):
         fill_unset({}, "/v1/messages", {"repetition_penalty": 1.1})
+
+
+# A second adapter's own generation config (the same weights as the first: only the config differs).
+SECOND_CONFIG = {"temperature": 0.6, "top_p": 0.95, "top_k": 4, "repetition_penalty": 1.2, "max_new_tokens": 5}
+
+
+def test_each_served_adapter_and_base_adapter_gets_its_own_defaults(toy_pairs, generation_pair, tmp_path):
+    """With --lora-modules each name gets its adapter's generation config (else the base's), and
+    `<name>:base` with a `base_adapter` serves that adapter, so it gets that adapter's config."""
+    from tests.conftest import start_server, stop_server
+
+    from rlvrx.server.toy_pair import build_lora_child
+
+    base = generation_pair[0]
+    # LoRA on the projections only (base_adapter can take it), of the same base weights
+    adapter, _ = build_lora_child(toy_pairs["qwen2"][0], tmp_path / "first")
+    second = tmp_path / "second"
+    shutil.copytree(adapter, second)
+    for directory, config in ((adapter, RL_CONFIG), (second, SECOND_CONFIG)):
+        (directory / "generation_config.json").write_text(json.dumps(config))
+    proc, url = start_server(None, tmp_path / "server.log",
+                             extra_args=("--base", str(base), "--lora-modules", f"first={adapter}", f"second={second}"))
+    try:
+        own = {"first": sampling(RL_CONFIG), "second": sampling(SECOND_CONFIG), "base": sampling(BASE_CONFIG)}
+        cases = [("first", {}, "first"), ("second", {}, "second"), ("second:rl", {}, "second"),
+                 ("first:base", {}, "base"), ("first:base", {"base_adapter": "second"}, "second"),
+                 ("second:base", {"base_adapter": "first"}, "first")]
+        for model, fields, config in cases:
+            defaults = generate(url, "chat", model, fields)
+            assert len(defaults) == own[config]["max_tokens"], (model, fields)
+            assert defaults == generate(url, "chat", model, {**fields, **own[config]}), (model, fields)
+            for other in set(own) - {config}:
+                assert defaults != generate(url, "chat", model, {**fields, **own[other]}), (model, fields, other)
+    finally:
+        stop_server(proc)

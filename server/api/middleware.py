@@ -279,15 +279,17 @@ class ExtrapolationMiddleware:
                 raise settings_mod.SettingsError(field, f"'{field}': {path} passes no extrapolation settings to the "
                                                         "engine (only the server's defaults and the first served name)")
             # vLLM applies the default RL model's generation config: other models get their own
-            if found.passthrough == "base":
+            # (`:base` with a base_adapter serves that adapter)
+            sampled = found.base_adapter if found.passthrough == "base" else found.adapter
+            if found.passthrough == "base" and not sampled:
                 if self.base_sampling is None:
                     self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
                 generation.fill_unset(payload, path, self.base_sampling)
-            elif found.adapter and found.adapter != first:
-                if found.adapter not in self.adapter_sampling:
-                    self.adapter_sampling[found.adapter] = generation.adapter_defaults(
-                        scope["app"].state.vllm_config.model_config, config.adapters[found.adapter])
-                generation.fill_unset(payload, path, self.adapter_sampling[found.adapter])
+            elif sampled and sampled != first:
+                if sampled not in self.adapter_sampling:
+                    self.adapter_sampling[sampled] = generation.adapter_defaults(
+                        scope["app"].state.vllm_config.model_config, config.adapters[sampled])
+                generation.fill_unset(payload, path, self.adapter_sampling[sampled])
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
         # Counted in flight from here on (no await in between): an adapter being unloaded waits for them.
