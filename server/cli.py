@@ -352,6 +352,13 @@ def evaluate(ours: argparse.Namespace) -> None:
 def lora_extract(ours: argparse.Namespace) -> None:
     from rlvrx.tools import lora_extract as tool
 
+    out = Path(ours.out)
+    if not ours.out.strip():
+        fail("--out: give the directory to write")
+    if out.exists() and not out.is_dir():
+        fail(f"--out: {ours.out!r} is a file, not a directory")
+    if out.resolve() in (Path(ours.base).resolve(), Path(ours.rl).resolve()):
+        fail(f"--out: {ours.out!r} is one of the two checkpoints; write the adapter into a directory of its own")
     targets = tuple(ours.targets or tool.PROJECTIONS)
     unknown = sorted(set(targets) - set(tool.PROJECTIONS))
     if unknown:

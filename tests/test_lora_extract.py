@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def extract_fails(base, rl, out, *extra) -> str:
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("rlvrx: error: "), proc.stderr
-    assert not (out / "adapter_config.json").exists()
+    assert not (Path(out) / "adapter_config.json").exists()
     return lines[0]
 
 
@@ -121,6 +122,11 @@ def test_refuses_pairs_it_cannot_extract_in_one_line(toy_pairs, tmp_path):
     wide, _ = build_pair(tmp_path / "wide", hidden=128)
     assert "hidden_size" in extract_fails(base, wide, out)
     assert "--targets: qkv_proj" in extract_fails(base, rl, out, "--targets", "qkv_proj")
+    assert "--out: give the directory" in extract_fails(base, rl, "")
+    assert "is one of the two checkpoints" in extract_fails(base, rl, rl)
+    assert "is one of the two checkpoints" in extract_fails(base, rl, base)
+    (tmp_path / "a-file").write_text("")
+    assert "is a file, not a directory" in extract_fails(base, rl, tmp_path / "a-file")
 
 
 @pytest.mark.parametrize("name, tensor, expected", [
