@@ -6,7 +6,9 @@ serve, in ONE batch, requests of each adapter, their presets, a base stream that
 against its float64 reference: PEFT's merge of each adapter (and of the adapter with B scaled by 1.5),
 greedy tokens and sampled log q. Eager with prefix caching on — a later batch sends the same long
 prompt under other adapters and scales, which must not reuse the first's KV blocks, while the same
-adapter again does — and compiled under tensor parallelism 2. `rlvrx serve --lora-modules` lists the
+adapter again does — and compiled under tensor parallelism 2. Prompt scoring (prompt_logprobs) too:
+each adapter's presets, a base_adapter's `:base`, a scaled `:rl` and extrapolated rows with a base
+adapter or a scale score the prompt with their own models. `rlvrx serve --lora-modules` lists the
 names with the base as parent, serves each, and answers bad names and scales with a 400. With runtime
 loading on, adapters load and unload through vLLM's routes (checks, slots, in-flight requests, a name
 loaded again). Bad sets of adapters are refused at start-up in one line.
@@ -92,6 +94,36 @@ CASES = [
 ]
 
 
+# Prompt scoring (prompt_logprobs) per adapter, base stream and scale:
+# (extra_args, temperature, top_p, RL reference, base reference, what is scored, reference settings).
+SCORING = [
+    ({"adapter": "a", "preset": "rl"}, 0.8, 0.9, "a", "base", "rl", None),
+    ({"adapter": "b", "preset": "base", "base_adapter": "a"}, 0.0, 1.0, "b", "a", "base", None),
+    ({"adapter": "b", "preset": "rl", "lora_scale": SCALE}, 1.0, 1.0, f"b*{SCALE}", "base", "rl", None),
+    ({"adapter": "c", "preset": "base"}, 1.0, 1.0, "c", "base", "base", None),
+    ({**checks.SCORED["sampled"][0], "adapter": "c", "base_adapter": "b"}, *checks.SCORED["sampled"][1:3],
+     "c", "b", "extrapolate", checks.SCORED["sampled"][3]),
+    ({**checks.SCORED["greedy"][0], "adapter": "b", "lora_scale": SCALE}, *checks.SCORED["greedy"][1:3],
+     f"b*{SCALE}", "base", "extrapolate", checks.SCORED["greedy"][3]),
+]
+
+
+def scoring_batch() -> list[dict]:
+    """The SCORING requests, beside two generating ones of other adapters and streams."""
+    generating = [request(i, CASES[i][0], CASES[i][3]) for i in (5, 7)]
+    return generating + [{"prompt_ids": checks.SCORED_PROMPT, "params": {
+        "temperature": t, "top_p": p, "max_tokens": 1, "prompt_logprobs": checks.SCORED_TOP, "extra_args": extra}}
+        for extra, t, p, *_ in SCORING]
+
+
+def check_scoring(results, models) -> None:
+    for i, got in zip((5, 7), results):
+        assert got[0]["token_ids"] == expected_greedy(models, CASES[i], checks.PROMPTS[i % 3]), CASES[i]
+    for (extra, _, _, rl, base, scored, s), got in zip(SCORING, results[2:], strict=True):
+        want = checks.reference_scores((models[rl], models[base]), checks.SCORED_PROMPT, scored, s)
+        checks.check_scores(got[0]["prompt_logprobs"], want)
+
+
 def request(i: int, extra: dict, kind: str, prompt=None) -> dict:
     prompt = prompt or checks.PROMPTS[i % 3]
     if kind == "sampled":
@@ -103,11 +135,11 @@ def request(i: int, extra: dict, kind: str, prompt=None) -> dict:
 
 def batches() -> list[list[dict]]:
     """All cases in one batch; then the long prompt under adapter a; then, later, the same prompt
-    under other adapters and scales, and under a again (a prefix-cache hit)."""
+    under other adapters and scales, and under a again (a prefix-cache hit); then prompt scoring."""
     mixed = [request(i, extra, kind) for i, (extra, _, _, kind) in enumerate(CASES)]
     long_cases = [CASES[0], CASES[1], CASES[5], CASES[7], CASES[0]]
     long = [request(0, extra, kind, LONG_PROMPT) for extra, _, _, kind in long_cases]
-    return [mixed, long[:1], long[1:]]
+    return [mixed, long[:1], long[1:], scoring_batch()]
 
 
 def expected_greedy(models, case, prompt) -> list[int]:
@@ -120,7 +152,8 @@ def expected_greedy(models, case, prompt) -> list[int]:
 
 
 def check_run(results, models) -> None:
-    mixed, first_long, later_long = results
+    mixed, first_long, later_long, scoring = results
+    check_scoring(scoring, models)
     for i, (case, got) in enumerate(zip(CASES, mixed)):
         prompt = checks.PROMPTS[i % 3]
         if case[3] != "sampled":
