@@ -41,6 +41,12 @@ BAD = [
     ("/v1/completions", json.dumps({"model": "toy", "prompt": "hi", "structured_outputs": "x"}), "structured_outputs"),
     ("/v1/chat/completions", json.dumps({"model": "toy", "messages": [*HI, {"role": "wizard", "content": "x"}]}),
      "messages[1].role"),
+    # vLLM's beam search would drop the name and settings (it searched the default distribution for `:base`)
+    ("/v1/completions", json.dumps({"model": "toy:base", "prompt": "hi", "use_beam_search": True, "n": 2}),
+     "use_beam_search"),
+    ("/v1/chat/completions", json.dumps({"model": "toy", "messages": HI, "use_beam_search": True}), "use_beam_search"),
+    ("/v1/chat/completions/batch", json.dumps({"model": "toy", "messages": [HI], "use_beam_search": True}),
+     "use_beam_search"),
 ]
 
 # Every route vLLM serves here that feeds SamplingParams.extra_args (through `vllm_xargs`), with a

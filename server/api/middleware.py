@@ -131,6 +131,7 @@ def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None
     for field in sorted(objects & set(payload)):
         if payload[field] is not None and not isinstance(payload[field], dict):
             raise settings_mod.SettingsError(field, f"'{field}' must be an object")
+    check_beam_search(payload)
     n = payload.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > config.max_n:
         raise settings_mod.SettingsError("n", f"'n' must be at most {config.max_n}, got {n}")
@@ -138,6 +139,16 @@ def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None
         raise settings_mod.SettingsError("messages", "'messages' must contain at least one message")
     if path == "/v1/chat/completions" and not config.allow_custom_roles:
         check_roles(payload.get("messages"))
+
+
+def check_beam_search(payload: dict[str, Any]) -> None:
+    """vLLM's beam search runs each step as a request of its own built from the temperature alone:
+    the name's model, adapter and extrapolation settings would be lost, and the server's default
+    distribution searched whatever the request names."""
+    if payload.get("use_beam_search"):
+        raise settings_mod.SettingsError(
+            "use_beam_search", "'use_beam_search' is not supported: vLLM's beam search drops the request's model "
+                               "and extrapolation settings, so it would search the server's default distribution")
 
 
 def check_roles(messages: Any) -> None:
@@ -271,6 +282,8 @@ class ExtrapolationMiddleware:
         try:
             if path in ROUTES:
                 check_request(payload, path, config)
+            elif path in DEFAULTS_ONLY_ROUTES:
+                check_beam_search(payload)
             found = request_settings(payload, config)
             first = next(iter(config.adapters), "")
             if path in DEFAULTS_ONLY_ROUTES and replace(found, adapter=found.adapter or first) != replace(
