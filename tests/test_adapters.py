@@ -254,7 +254,7 @@ def runtime_server(adapters, tmp_path_factory):
                              extra_env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"},
                              extra_args=("--base", str(base), "--lora-modules", f"a={paths['a']}",
                                          "--max-loras", "3", "--max-lora-rank", "8"))
-    yield url, paths, big
+    yield url, paths, big, tmp_path_factory.mktemp("runtime")
     stop_server(proc)
 
 
@@ -266,7 +266,7 @@ def greedy_tokens(client, model: str, prompt: list[int], max_tokens: int = check
 
 
 def test_adapters_load_and_unload_at_run_time(runtime_server, models):
-    url, paths, big = runtime_server
+    url, paths, big, runtime_dir = runtime_server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
     post = lambda route, body: httpx.post(url + route, json=body, timeout=300)  # noqa: E731
     load = lambda name, path: post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})  # noqa: E731
@@ -308,9 +308,16 @@ def test_adapters_load_and_unload_at_run_time(runtime_server, models):
     assert streamed["reason"] == "length" and streamed["ended"] <= returned + 0.5
     with pytest.raises(openai.NotFoundError):
         greedy_tokens(client, "c", LONG_PROMPT)
-    assert load("c", paths["b"]).status_code == 200
+    # b's weights with a generation config of its own: the new c's defaults, not those of the old c
+    # (requested above, which had none)
+    b_with_defaults = shutil.copytree(paths["b"], runtime_dir / "b-with-defaults")
+    (b_with_defaults / "generation_config.json").write_text('{"max_new_tokens": 3}')
+    assert load("c", b_with_defaults).status_code == 200
     b_case = next(c for c in CASES if c[0]["adapter"] == "b" and c[3] == "q" and len(c[0]) == 5)
     assert greedy_tokens(client, "c", LONG_PROMPT) == expected_greedy(models, b_case, LONG_PROMPT)
+    chat = client.chat.completions.create(model="c", messages=[{"role": "user", "content": "hi"}],
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 3
 
 
 def serve_refusal(*args: str) -> str:

@@ -223,7 +223,7 @@ class ExtrapolationMiddleware:
         self.stats: stats_mod.StatsTable | None = None
         self.auth: AuthenticationMiddleware | None = None
         self.base_sampling: dict[str, Any] | None = None  # `:base` requests' generation defaults
-        self.adapter_sampling: dict[str, dict[str, Any]] = {}  # those of adapters but the first, by name
+        self.adapter_sampling: dict[str, dict[str, Any]] = {}  # those of adapters but the first, by directory
         self.table: adapters.AdapterTable | None = None  # a stacked engine's adapters at run time
 
     def authorized(self, scope, config: ApiConfig) -> bool:
@@ -299,10 +299,11 @@ class ExtrapolationMiddleware:
                     self.base_sampling = generation.base_defaults(scope["app"].state.vllm_config.model_config)
                 generation.fill_unset(payload, path, self.base_sampling)
             elif sampled and sampled != first:
-                if sampled not in self.adapter_sampling:
-                    self.adapter_sampling[sampled] = generation.adapter_defaults(
-                        scope["app"].state.vllm_config.model_config, config.adapters[sampled])
-                generation.fill_unset(payload, path, self.adapter_sampling[sampled])
+                directory = config.adapters[sampled]  # a name unloaded and loaded again may name another
+                if directory not in self.adapter_sampling:
+                    self.adapter_sampling[directory] = generation.adapter_defaults(
+                        scope["app"].state.vllm_config.model_config, directory)
+                generation.fill_unset(payload, path, self.adapter_sampling[directory])
         except settings_mod.SettingsError as exc:
             return await send_json(send, 400, error_body(str(exc), exc.field))
         # Counted in flight from here on (no await in between): an adapter being unloaded waits for them.
