@@ -1,8 +1,10 @@
 """Every generation route vLLM serves gives the distribution the request asked for: presets
 and extrapolation fields reach the engine on SageMaker's /invocations, /v1/responses and
-/v1/messages; /v1/chat/completions/batch, which cannot carry them, refuses them."""
+/v1/messages; /v1/chat/completions/batch and /generative_scoring, which cannot carry them, serve
+the defaults and refuse them."""
 
 import json
+import math
 
 import pytest
 
@@ -70,4 +72,24 @@ def test_chat_batch_serves_the_defaults_and_refuses_other_settings(live_server):
     assert [c["message"]["content"] for c in answer["choices"]] == [chat_text(url, "toy")] * 2
     for change, field in (({"model": "toy:rl"}, "model"), ({"gamma": 0.3}, "gamma"), ({"tau": None}, "tau")):
         status, response = post(url, "/v1/chat/completions/batch", json.dumps({**batch, **change}))
+        assert status == 400 and response["error"]["param"] == field, response
+
+
+def test_generative_scoring_serves_the_defaults_and_refuses_other_names(live_server):
+    """vLLM's /generative_scoring builds its own sampling parameters (temperature 1, top-p 1, no
+    vllm_xargs): it scores with the default `<name>`, as prompt scoring of that name at those settings
+    does; another name or a field would be served the defaults, so it is refused."""
+    url, _, _ = live_server
+    query, items, labels = [5, 17, 42, 99, 7], [[11, 3], [250, 8, 64]], [9, 120, 33, 77]
+    for item in items:
+        for i, label in enumerate(labels):
+            got = ok(url, "/generative_scoring", {"model": "toy", "query": query, "items": [item], "apply_softmax": False,
+                                                  "label_token_ids": [label, *labels[:i], *labels[i + 1:]]})
+            want = ok(url, "/v1/completions", {"model": "toy", "prompt": query + item + [label], "max_tokens": 1,
+                                               "temperature": 1.0, "top_p": 1.0, "prompt_logprobs": 0})
+            logprob = want["choices"][0]["prompt_logprobs"][-1][str(label)]["logprob"]
+            assert got["data"][0]["score"] == pytest.approx(math.exp(logprob), rel=1e-3, abs=1e-6), (item, label)
+    for change, field in (({"model": "toy:base"}, "model"), ({"model": "toy:rl"}, "model"), ({"gamma": 0.3}, "gamma")):
+        body = {"model": "toy", "query": query, "items": items, "label_token_ids": labels, **change}
+        status, response = post(url, "/generative_scoring", json.dumps(body))
         assert status == 400 and response["error"]["param"] == field, response

@@ -60,8 +60,9 @@ INVOCATIONS = "/invocations"  # SageMaker's: a chat or a completions body, told 
 # Generation routes of other formats: their requests take the settings (fields, preset) through
 # vllm_xargs but carry no usage figures (the engine counts their tokens for the metrics) ...
 SETTINGS_ROUTES = ("/v1/responses", "/v1/messages")
-# ... or take no vllm_xargs at all: only the server's default settings can apply there.
-DEFAULTS_ONLY_ROUTES = ("/v1/chat/completions/batch",)
+# ... or take no vllm_xargs at all: only the server's default settings can apply there (vLLM's
+# generative scoring builds its own sampling parameters; Cohere's chat, with VLLM_ENABLE_COHERE_API).
+DEFAULTS_ONLY_ROUTES = ("/v1/chat/completions/batch", "/generative_scoring", "/cohere/v2/chat")
 EXTRAPOLATION_FIELDS = {*settings_mod.FIELDS, "extrapolation"}
 PRESET_SUFFIXES = {":rl": "rl", ":base": "base"}
 PRIVATE_PREFIX = stats_mod.PRIVATE_PREFIX
