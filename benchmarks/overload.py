@@ -28,13 +28,14 @@ MIXES = [
 
 
 def stream_completion(url: str, payload: dict, timeout: float = 600, started: threading.Event | None = None) -> dict:
-    """A streamed completion; returns {"text", "tokens", "finish_reason", "done", "times", "error"}, where
+    """A streamed completion; returns {"text", "tokens", "extrapolated", "finish_reason", "done", "times",
+    "error"} (`extrapolated`: the usage's extrapolated_tokens, None where the server reports none), where
     `times` are the seconds from sending to each chunk that carried text and `error` is the message of an
     error event in the stream (or None). `started`, when given, is set at the first chunk with text."""
     request = urllib.request.Request(url + "/v1/completions", headers={"content-type": "application/json"},
                                      data=json.dumps({**payload, "stream": True,
                                                       "stream_options": {"include_usage": True}}).encode())
-    text, finish, tokens, done, times, error = "", None, None, False, [], None
+    text, finish, tokens, extrapolated, done, times, error = "", None, None, None, False, [], None
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
@@ -53,7 +54,9 @@ def stream_completion(url: str, payload: dict, timeout: float = 600, started: th
                     finish = choice.get("finish_reason") or finish
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-    return {"text": text, "tokens": tokens, "finish_reason": finish, "done": done, "times": times, "error": error}
+                    extrapolated = event["usage"].get("extrapolated_tokens")
+    return {"text": text, "tokens": tokens, "extrapolated": extrapolated, "finish_reason": finish, "done": done,
+            "times": times, "error": error}
 
 
 def one_request(url: str, model: str, index: int, max_tokens: int) -> tuple[float, str | None]:

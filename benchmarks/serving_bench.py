@@ -179,9 +179,12 @@ def drive_http(url: str, model: str | list[str], fields: dict, texts: list[str],
     bad = [r for r in results if r["tokens"] != max_tokens]
     if bad:
         raise SystemExit(f"{model}: incomplete responses: {bad[:2]}")
-    return summarize([{"ttft_s": r["times"][0], "e2e_s": r["times"][-1],
-                       "itl_s": [b - a for a, b in zip(r["times"], r["times"][1:])]} for r in results],
-                     wall, len(texts) * max_tokens)
+    summary = summarize([{"ttft_s": r["times"][0], "e2e_s": r["times"][-1],
+                          "itl_s": [b - a for a, b in zip(r["times"], r["times"][1:])]} for r in results],
+                        wall, len(texts) * max_tokens)
+    if all(r["extrapolated"] is not None for r in results):  # this server's extrapolated preset
+        summary["extrapolation_rate"] = sum(r["extrapolated"] for r in results) / (len(texts) * max_tokens)
+    return summary
 
 
 def drive_batches(baseline, tokenizer, texts: list[str], concurrency: int, max_tokens: int) -> dict:
@@ -322,7 +325,8 @@ def report(rows: list[dict]) -> None:
 
     show = lambda x, fmt: "—" if x is None else format(x, fmt)  # noqa: E731
     print(f"{'system':<15} {'conc':>4} {'TTFT p50/p99 ms':>17} {'ITL p50/p99 ms':>15} {'E2E p50/p99 ms':>17} "
-          f"{'tok/s':>8} {'vs vllm-rl':>10} {'vs +spec':>8} {'vs no spec':>10} {'accept':>6} {'length':>6}")
+          f"{'tok/s':>8} {'vs vllm-rl':>10} {'vs +spec':>8} {'vs no spec':>10} {'accept':>6} {'length':>6} "
+          f"{'extrap.':>7}")
     for r in sorted(rows, key=lambda r: (r["concurrency"], SYSTEMS.index(r["system"]))):
         r["ratio_to_vllm_rl"] = ratio(r, "vllm-rl")
         if r["system"] in SPEC_SYSTEMS:
@@ -332,7 +336,8 @@ def report(rows: list[dict]) -> None:
               f"{r['itl_p50_ms']:>7.1f}/{r['itl_p99_ms']:<7.1f} {r['e2e_p50_ms']:>8.1f}/{r['e2e_p99_ms']:<8.1f} "
               f"{r['output_tok_s']:>8.1f} {show(r['ratio_to_vllm_rl'], '.3f'):>10} "
               f"{show(r.get('ratio_to_vllm_rl_spec'), '.3f'):>8} {show(r.get('ratio_to_no_spec'), '.3f'):>10} "
-              f"{show(r.get('acceptance_rate'), '.2f'):>6} {show(r.get('mean_accepted_length'), '.2f'):>6}")
+              f"{show(r.get('acceptance_rate'), '.2f'):>6} {show(r.get('mean_accepted_length'), '.2f'):>6} "
+              f"{show(r.get('extrapolation_rate'), '.1%'):>7}")
 
 
 def main() -> None:
