@@ -37,10 +37,12 @@ chat template as a chat client would send them, where prompt lookup finds its dr
 concurrency (a batch starts when the previous one has finished), as a user of them would.
 Prompts are 3-digit reversed additions for the demo pair (its character tokenizer knows
 nothing else) and short plain-text requests for any other pair (`--prompt-style`; `auto`
-tells the demo pair by its chat template).
+tells the demo pair by its chat template); `--prompt-style task` sends the held-out word problems
+of the real RLVR pair's task (benchmarks/real_rlvr_task.py) in the RL model's chat template.
 
 Prints one table (TTFT, inter-token latency, end-to-end latency p50/p99, output tokens/s,
-and tokens/s as a ratio to `vllm-rl` at the same concurrency) and writes it as JSON.
+tokens/s as a ratio to `vllm-rl` at the same concurrency, and this server's extrapolation rate:
+extrapolated / generated tokens, from its usage) and writes it as JSON.
 Our own client measures every system (the two-engine baseline has no HTTP server, and the
 `vllm bench serve` entry point does not run from the CPU build of vLLM).
 """
@@ -143,12 +145,19 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def prompts(count: int, style: str, tokenizer=None) -> list[str]:
-    """`count` fixed prompts: reversed 3-digit additions (`arith`), plain-text requests (`text`) or
-    requests that quote their input (`quote`)."""
+    """`count` fixed prompts: reversed 3-digit additions (`arith`), plain-text requests (`text`),
+    requests that quote their input (`quote`) or held-out word problems of the real RLVR pair's task
+    (`task`, benchmarks/real_rlvr_task.py, as real_rlvr_eval.py asks them)."""
     from rlvrx.server.arith_pair import question
 
     if style == "arith":
         return [question((37 * i) % 1000, (91 * i + 5) % 1000) + "=" for i in range(count)]
+    if style == "task":
+        from benchmarks import real_rlvr_task
+
+        return [tokenizer.apply_chat_template([{"role": "user", "content": problem["problem"]}], tokenize=False,
+                                              add_generation_prompt=True)
+                for problem in real_rlvr_task.problems("heldout", count, seed=1)]
     if style == "quote":
         return [tokenizer.apply_chat_template([{"role": "user", "content": f"Request {i}: {QUOTE_PROMPTS[i % len(QUOTE_PROMPTS)]}"}],
                                               tokenize=False, add_generation_prompt=True) for i in range(count)]
@@ -350,7 +359,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--prompt-style", choices=("auto", "arith", "text", "quote"), default="auto")
+    parser.add_argument("--prompt-style", choices=("auto", "arith", "text", "quote", "task"), default="auto")
     parser.add_argument("--speculative-config", default=None,
                         help="vLLM's speculative config (JSON): adds the +spec systems")
     parser.add_argument("--disable-by-batch-size", type=int, default=None,
