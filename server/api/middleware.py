@@ -132,7 +132,6 @@ def check_request(payload: dict[str, Any], path: str, config: ApiConfig) -> None
     for field in sorted(objects & set(payload)):
         if payload[field] is not None and not isinstance(payload[field], dict):
             raise settings_mod.SettingsError(field, f"'{field}' must be an object")
-    check_beam_search(payload)
     n = payload.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > config.max_n:
         raise settings_mod.SettingsError("n", f"'n' must be at most {config.max_n}, got {n}")
@@ -283,7 +282,7 @@ class ExtrapolationMiddleware:
         try:
             if path in ROUTES:
                 check_request(payload, path, config)
-            elif path in DEFAULTS_ONLY_ROUTES:
+            if path in ROUTES or path in DEFAULTS_ONLY_ROUTES:
                 check_beam_search(payload)
             found = request_settings(payload, config)
             first = next(iter(config.adapters), "")
